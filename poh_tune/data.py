@@ -1,0 +1,57 @@
+"""Partial-observability sorting: L distinct integers, some hidden; target = the sort of all of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+VALUE_LOW, VALUE_HIGH = -100, 100  # values are drawn from [VALUE_LOW, VALUE_HIGH)
+VALUE_SCALE = 100.0  # observed values enter the model as value / VALUE_SCALE, about [-1, 1]
+SPLIT_OFFSETS = {"train": 0, "dev": 1000, "test": 2000}  # independent streams per split
+
+
+@dataclass
+class SortData:
+    values: torch.Tensor  # (N, L) long, distinct per row
+    obs_mask: torch.Tensor  # (N, L) bool, True where observed
+    perm: torch.Tensor  # (N, L) long, perm[r] = position holding the r-th smallest value
+    ranks: torch.Tensor  # (N, L) long, ranks[p] = rank of position p (inverse of perm)
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def to(self, device) -> SortData:
+        return SortData(*(t.to(device) for t in (self.values, self.obs_mask, self.perm, self.ranks)))
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model inputs: scaled values (0 where hidden) and the observed flag."""
+        x = torch.where(self.obs_mask, self.values.float() / VALUE_SCALE, 0.0)
+        return x, self.obs_mask
+
+
+def n_visible(array_len: int, mask_rate: float) -> int:
+    return max(2, int(array_len * (1 - mask_rate)))
+
+
+def make_split(n: int, array_len: int, mask_rate: float, seed: int) -> SortData:
+    """n samples drawn from a generator seeded by `seed` alone (deterministic, device independent)."""
+    g = torch.Generator().manual_seed(seed)
+    span = VALUE_HIGH - VALUE_LOW
+    if array_len > span:
+        raise ValueError(f"array_len={array_len}: at most {span} distinct values exist")
+    # Without replacement: the first L entries of a random permutation of the value range.
+    values = torch.rand(n, span, generator=g).argsort(dim=1)[:, :array_len] + VALUE_LOW
+    k = n_visible(array_len, mask_rate)
+    visible_pos = torch.rand(n, array_len, generator=g).argsort(dim=1)[:, :k]
+    obs_mask = torch.zeros(n, array_len, dtype=torch.bool).scatter_(1, visible_pos, True)
+    perm = values.argsort(dim=1, stable=True)
+    ranks = perm.argsort(dim=1)
+    return SortData(values, obs_mask, perm, ranks)
+
+
+def make_splits(array_len: int, mask_rate: float, seed: int, train: int, dev: int, test: int
+                ) -> dict[str, SortData]:
+    sizes = {"train": train, "dev": dev, "test": test}
+    return {name: make_split(sizes[name], array_len, mask_rate, seed + SPLIT_OFFSETS[name])
+            for name in sizes}

@@ -1,0 +1,264 @@
+"""Pointer-over-Heads sorter: encoder, iterated PoH block with an HRM or MLP router, shared readouts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    array_len: int = 20
+    model: str = "pot"
+    d_model: int = 128
+    n_heads: int = 4
+    d_ff: int = 256
+    max_inner_iters: int = 12
+    hrm_period: int = 4
+    controller: str = "hrm"
+    d_ctrl: int = 64
+    grad_mode: str = "full"
+
+    @property
+    def n_iters(self) -> int:
+        """Readouts per forward pass: one per inner iteration, one for the baseline."""
+        return self.max_inner_iters if self.model == "pot" else 1
+
+
+class RoutedAttention(nn.Module):
+    """Multi-head self-attention, all heads in one batched call; head outputs optionally scaled by α."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, D = x.shape
+        H = self.n_heads
+        q, k, v = self.qkv(x).view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)  # each (B, H, L, hs)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, L, H, hs)
+        if alpha is not None:
+            o = o * alpha.unsqueeze(-1)  # (B, L, H, 1): head h's output weighted by its α
+        return self.out(o.reshape(B, L, D))
+
+
+class Block(nn.Module):
+    """Post-LN transformer layer (as nn.TransformerEncoderLayer), with optional head routing."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int):
+        super().__init__()
+        self.attn = RoutedAttention(d_model, n_heads)
+        self.ln1 = nn.LayerNorm(d_model)
+        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Linear(d_ff, d_model))
+        self.ln2 = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.ln1(x + self.attn(x, alpha))
+        return self.ln2(x + self.ff(x))
+
+
+@dataclass
+class HRMCarry:
+    """Recurrent controller state, per token (tokens flattened to B*L rows)."""
+
+    z_L: torch.Tensor  # (B*L, d_ctrl) fast state, updated every iteration
+    z_H: torch.Tensor  # (B*L, d_ctrl) slow state, updated on period iterations only
+
+    def detach(self) -> HRMCarry:
+        return HRMCarry(self.z_L.detach(), self.z_H.detach())
+
+
+class HRMController(nn.Module):
+    """Two-timescale router (after HRM): z_L every iteration, z_H every `period`; α from both."""
+
+    def __init__(self, d_model: int, d_ctrl: int, n_heads: int, period: int):
+        super().__init__()
+        self.period = period
+        self.inp = nn.Linear(d_model, d_ctrl)
+        self.cell_L = nn.GRUCell(2 * d_ctrl, d_ctrl)  # input: [token features, z_H]
+        self.cell_H = nn.GRUCell(d_ctrl, d_ctrl)  # input: z_L
+        self.router = nn.Linear(2 * d_ctrl, n_heads)  # reads z_L conditioned on z_H
+        self.z_L0 = nn.Parameter(torch.zeros(d_ctrl))
+        self.z_H0 = nn.Parameter(torch.zeros(d_ctrl))
+
+    def init_carry(self, n_tokens: int) -> HRMCarry:
+        return HRMCarry(self.z_L0.expand(n_tokens, -1), self.z_H0.expand(n_tokens, -1))
+
+    def step(self, carry: HRMCarry, x: torch.Tensor, t_B: torch.Tensor
+             ) -> tuple[torch.Tensor, HRMCarry]:
+        """One iteration. x: (B, L, d_model); t_B: (B,) long, each sample's iteration index.
+
+        Returns router logits (B, L, H) and the new carry. The slow-state update is masked per
+        sample (t % period == 0), never decided for the whole batch at once.
+        """
+        B, L, _ = x.shape
+        u = self.inp(x).reshape(B * L, -1)  # (B*L, d_ctrl)
+        z_L = self.cell_L(torch.cat([u, carry.z_H], dim=-1), carry.z_L)
+        z_H = carry.z_H
+        upd_B = t_B % self.period == 0  # (B,)
+        if bool(upd_B.any()):
+            upd = upd_B.repeat_interleave(L).unsqueeze(-1)  # (B*L, 1)
+            z_H = torch.where(upd, self.cell_H(z_L, z_H), z_H)
+        logits = self.router(torch.cat([z_L, z_H], dim=-1)).view(B, L, -1)
+        return logits, HRMCarry(z_L, z_H)
+
+
+class MLPController(nn.Module):
+    """The document's stateless router: α from the current token state alone."""
+
+    def __init__(self, d_model: int, d_ctrl: int, n_heads: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, d_ctrl), nn.GELU(), nn.Linear(d_ctrl, n_heads))
+
+    def init_carry(self, n_tokens: int) -> None:
+        return None
+
+    def step(self, carry, x: torch.Tensor, t_B: torch.Tensor):
+        return self.net(x), None
+
+
+class PointerDecoder(nn.Module):
+    """Rank queries over positions with a coverage mask (the document's pointer decoder).
+
+    The query of rank r does not depend on earlier picks (the coverage mask carries them), so
+    teacher forcing computes every rank at once; greedy decoding at eval loops over ranks.
+    """
+
+    def __init__(self, d_model: int, max_len: int):
+        super().__init__()
+        self.rank_emb = nn.Embedding(max_len, d_model)
+        self.q = nn.Linear(d_model, d_model)
+        self.k = nn.Linear(d_model, d_model)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h: (N, L, d) -> (N, R=L, P=L) rank-by-position logits, no coverage applied."""
+        N, L, D = h.shape
+        q = self.q(self.rank_emb.weight[:L].unsqueeze(0) + h.mean(1, keepdim=True))  # (N, R, d)
+        return q @ self.k(h).transpose(1, 2) / math.sqrt(D)  # (N, R, P)
+
+    def teacher_forced(self, h: torch.Tensor, target_ranks: torch.Tensor) -> torch.Tensor:
+        """(N, R, P) logits with every position already used by a lower target rank masked out."""
+        L = h.shape[1]
+        r = torch.arange(L, device=h.device).view(1, L, 1)
+        covered = target_ranks.unsqueeze(1) < r  # (N, R, P)
+        return self.logits(h).masked_fill(covered, float("-inf"))
+
+    @torch.no_grad()
+    def greedy_ranks(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, L, d) -> (N, L) predicted rank of every position, picking the best free one per rank."""
+        logits = self.logits(h)
+        N, L, _ = logits.shape
+        chosen = torch.zeros(N, L, dtype=torch.bool, device=h.device)
+        ranks = torch.empty(N, L, dtype=torch.long, device=h.device)
+        rows = torch.arange(N, device=h.device)
+        for r in range(L):
+            p = logits[:, r].masked_fill(chosen, float("-inf")).argmax(-1)  # (N,)
+            chosen[rows, p] = True
+            ranks[rows, p] = r
+        return ranks
+
+
+@dataclass
+class ForwardOut:
+    scores: torch.Tensor  # (T, B, L) per-iteration scores (ascending score = ascending value)
+    hidden: torch.Tensor | None  # (T, B, L, d) per-iteration states, when requested
+    alphas: torch.Tensor | None  # (T, B, L, H) routing weights; None for the baseline
+    z_H: torch.Tensor | None  # (T, B, L, d_ctrl) slow state after each iteration, when requested
+
+
+class PoHSorter(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.value_proj = nn.Linear(1, d)
+        self.obs_emb = nn.Embedding(2, d)  # observed / hidden flag (no sentinel value)
+        self.pos_emb = nn.Embedding(cfg.array_len, d)
+        self.encoder = Block(d, cfg.n_heads, cfg.d_ff)
+        self.controller: nn.Module | None = None
+        if cfg.model == "pot":
+            self.block = Block(d, cfg.n_heads, cfg.d_ff)  # one block, iterated
+            if cfg.controller == "hrm":
+                self.controller = HRMController(d, cfg.d_ctrl, cfg.n_heads, cfg.hrm_period)
+            else:
+                self.controller = MLPController(d, cfg.d_ctrl, cfg.n_heads)
+        self.score_head = nn.Linear(d, 1)
+        self.pointer = PointerDecoder(d, cfg.array_len)
+
+    def controller_parameters(self) -> list[nn.Parameter]:
+        return list(self.controller.parameters()) if self.controller is not None else []
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """Everything but the controller: encoder, PoH block and readouts."""
+        ctrl = {id(p) for p in self.controller_parameters()}
+        return [p for p in self.parameters() if id(p) not in ctrl]
+
+    def encode(self, x: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        """x: (B, L) scaled values (0 where hidden); obs: (B, L) bool -> (B, L, d)."""
+        pos = self.pos_emb.weight[: x.shape[1]]  # (L, d)
+        h = self.value_proj(x.unsqueeze(-1)) + self.obs_emb(obs.long()) + pos
+        return self.encoder(h)
+
+    def forward(self, x: torch.Tensor, obs: torch.Tensor, temperature: float = 1.0,
+                keep_hidden: bool = False, keep_z_H: bool = False) -> ForwardOut:
+        z = self.encode(x, obs)  # (B, L, d)
+        if self.cfg.model == "baseline":
+            scores = self.score_head(z).squeeze(-1).unsqueeze(0)  # (1, B, L)
+            return ForwardOut(scores, z.unsqueeze(0) if keep_hidden else None, None, None)
+
+        B, L, _ = z.shape
+        carry = self.controller.init_carry(B * L)
+        scores, hidden, alphas, z_Hs = [], [], [], []
+        for t in range(self.cfg.max_inner_iters):
+            if t > 0 and self.cfg.grad_mode == "last":
+                # Truncated gradient: each iteration's loss reaches only that iteration.
+                z = z.detach()
+                carry = carry.detach() if carry is not None else None
+            t_B = torch.full((B,), t, dtype=torch.long, device=z.device)
+            logits, carry = self.controller.step(carry, z, t_B)
+            alpha = torch.softmax(logits / temperature, dim=-1)  # (B, L, H)
+            z = self.block(z, alpha)
+            scores.append(self.score_head(z).squeeze(-1))
+            alphas.append(alpha)
+            if keep_hidden:
+                hidden.append(z)
+            if keep_z_H and carry is not None:
+                z_Hs.append(carry.z_H.view(B, L, -1))
+        return ForwardOut(
+            torch.stack(scores),
+            torch.stack(hidden) if keep_hidden else None,
+            torch.stack(alphas),
+            torch.stack(z_Hs) if z_Hs else None,
+        )
+
+
+def forward_flops(cfg: ModelConfig, batch: int, pointer: bool) -> float:
+    """Matmul FLOPs of one forward pass over `batch` samples (2 per multiply-add).
+
+    Counts every linear layer, attention scores and values, the recurrent cells and the readouts;
+    elementwise work (norms, softmax, losses) is left out, as in the usual MFU accounting.
+    """
+    d, L, H, f, c = cfg.d_model, cfg.array_len, cfg.n_heads, cfg.d_ff, cfg.d_ctrl
+    tokens = batch * L
+    block = tokens * (2 * d * 3 * d + 2 * d * d + 2 * 2 * d * f) + batch * 2 * 2 * L * L * d
+    readout = tokens * 2 * d
+    total = block + readout + tokens * 2 * d  # encoder block, value projection
+    if cfg.model == "pot":
+        if cfg.controller == "hrm":
+            # inp, GRU_L (input 2c, 3 gates), router: every iteration; GRU_H on period iterations.
+            per_iter = tokens * (2 * d * c + 2 * 3 * (2 * c + c) * c + 2 * 2 * c * H)
+            n_period = len(range(0, cfg.max_inner_iters, cfg.hrm_period))
+            ctrl = cfg.max_inner_iters * per_iter + n_period * tokens * 2 * 3 * (c + c) * c
+        else:
+            ctrl = cfg.max_inner_iters * tokens * (2 * d * c + 2 * c * H)
+        total += cfg.max_inner_iters * (block + readout) + ctrl
+    if pointer:
+        n = cfg.n_iters
+        total += n * (tokens * 2 * 2 * d * d + batch * 2 * L * L * d)  # q, k, q@k^T
+    return float(total)
