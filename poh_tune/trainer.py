@@ -222,7 +222,7 @@ def aggregate(per_seed: list[dict[str, Any]], seeds: list[int] | tuple[int, ...]
             out[k] = sum(vals) / len(vals)
     out["epoch"] = per_seed[0]["epoch"]
     out["epoch_s"] = sum(m["epoch_s"] for m in per_seed)
-    for s, m in zip(seeds, per_seed):
+    for s, m in zip(seeds, per_seed, strict=True):
         out[f"tau_seed_{s}"] = m["tau"]
         out[f"test_tau_seed_{s}"] = m.get("test_tau", float("nan"))
     for k in ("tau", "test_tau", "tau_all", "test_tau_all"):
