@@ -225,6 +225,10 @@ def aggregate(per_seed: list[dict[str, Any]], seeds: list[int] | tuple[int, ...]
     for s, m in zip(seeds, per_seed, strict=True):
         out[f"tau_seed_{s}"] = m["tau"]
         out[f"test_tau_seed_{s}"] = m.get("test_tau", float("nan"))
+        # Per-seed values the report needs for its confidence intervals.
+        out[f"tau_all_seed_{s}"] = m.get("tau_all", float("nan"))
+        out[f"test_tau_all_seed_{s}"] = m.get("test_tau_all", float("nan"))
+        out[f"test_perfect_sort_seed_{s}"] = m.get("test_perfect_sort", float("nan"))
     for k in ("tau", "test_tau", "tau_all", "test_tau_all"):
         if k in per_seed[0]:
             out[f"{k}_ci95"] = mean_ci95([m[k] for m in per_seed])[1]
