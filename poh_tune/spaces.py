@@ -1,0 +1,270 @@
+"""Search spaces: one YAML schema and one loader for every file in search_spaces/."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from poh_tune.config import ConfigError, TrialConfig, from_dict, read_yaml, suggest
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+TOP_KEYS = ("name", "description", "metric", "metric_mode", "scheduler", "asha", "resources",
+            "max_concurrent", "num_samples", "seed", "base", "experiments", "search")
+SCHEDULERS = ("fifo", "asha")
+DIST_TYPES = ("uniform", "loguniform", "int", "choice")
+
+# --smoke: a tiny task with the same structure (SPEC: "a newcomer sees the whole flow in a minute").
+SMOKE_BASE: dict[str, Any] = dict(
+    array_len=8, train_samples=64, dev_samples=32, test_samples=32, epochs=3, batch_size=16,
+    max_inner_iters=2, hrm_period=1, d_model=32, n_heads=4, d_ff=64, d_ctrl=16, seeds=[1, 2],
+    controller_warmup_epochs=1, entropy_decay_every=1)
+SMOKE_NUM_SAMPLES = 8
+# Swept integer keys whose values are mapped onto 1, 2, 3, ... under --smoke (count preserved).
+SMOKE_RANKED = ("max_inner_iters", "hrm_period")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    description: str
+    swept: str | None  # the one key this experiment varies; None = the base config alone
+    values: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Space:
+    path: Path
+    name: str
+    description: str
+    metric: str
+    metric_mode: str
+    scheduler: str  # default scheduler of the file (the CLI may override)
+    grace_period: int
+    reduction_factor: int
+    cpu: float
+    gpu: float
+    max_concurrent: int  # 0: as many as the resources allow
+    num_samples: int
+    seed: int
+    base: TrialConfig
+    experiments: tuple[Experiment, ...] = ()
+    search: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _err(path: Path, msg: str) -> ConfigError:
+    return ConfigError(f"{path}: {msg}")
+
+
+def _number(path: Path, key: str, value: Any, *, integer: bool = False, low: float = 0,
+            inclusive: bool = True) -> Any:
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        kind = "an integer" if integer else "a number"
+        raise _err(path, f"{key}={value!r}: expected {kind}")
+    if value < low or (not inclusive and value == low):
+        raise _err(path, f"{key}={value!r}: must be {'>=' if inclusive else '>'} {low}")
+    return value
+
+
+def _mapping(path: Path, key: str, value: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _err(path, f"{key}: expected a mapping, got {value!r}")
+    for k in value:
+        if k not in allowed:
+            raise _err(path, f"{key}: unknown key {k!r}{suggest(str(k), list(allowed))}; "
+                             f"allowed: {', '.join(allowed)}")
+    return value
+
+
+def _config(path: Path, where: str, d: dict[str, Any]) -> TrialConfig:
+    try:
+        return from_dict(d)
+    except ConfigError as e:
+        raise _err(path, f"{where}: {e}") from None
+
+
+def _experiments(path: Path, raw: Any, base: TrialConfig) -> tuple[Experiment, ...]:
+    if not isinstance(raw, dict) or not raw:
+        raise _err(path, f"experiments: expected a non-empty mapping of name -> "
+                         f"{{description, sweep}}, got {raw!r}")
+    out = []
+    for name, spec in raw.items():
+        spec = _mapping(path, f"experiments.{name}", spec, ("description", "sweep"))
+        sweep = _mapping(path, f"experiments.{name}.sweep", spec.get("sweep"),
+                         tuple(TrialConfig.__dataclass_fields__))
+        if len(sweep) > 1:
+            raise _err(path, f"experiments.{name}.sweep: sweeps one key, got {', '.join(sweep)}")
+        swept, values = (next(iter(sweep.items())) if sweep else (None, [None]))
+        if swept is not None:
+            if not isinstance(values, list) or not values:
+                raise _err(path, f"experiments.{name}.sweep.{swept}={values!r}: expected a "
+                                 f"non-empty list of values")
+            for v in values:  # type-checked against TrialConfig, with the base config around it
+                _config(path, f"experiments.{name}.sweep.{swept}", {**base.to_dict(), swept: v})
+        out.append(Experiment(str(name), str(spec.get("description", "")), swept,
+                              tuple(values)))
+    return tuple(out)
+
+
+def _search(path: Path, raw: Any, base: TrialConfig) -> dict[str, dict[str, Any]]:
+    if not isinstance(raw, dict) or not raw:
+        raise _err(path, f"search: expected a non-empty mapping of config key -> distribution, "
+                         f"got {raw!r}")
+    out: dict[str, dict[str, Any]] = {}
+    for key, spec in raw.items():
+        if key not in TrialConfig.__dataclass_fields__:
+            raise _err(path, f"search: unknown config key {key!r}"
+                             f"{suggest(str(key), list(TrialConfig.__dataclass_fields__))}")
+        spec = _mapping(path, f"search.{key}", spec, ("type", "low", "high", "values"))
+        kind = spec.get("type")
+        if kind not in DIST_TYPES:
+            raise _err(path, f"search.{key}.type={kind!r}: expected one of {', '.join(DIST_TYPES)}")
+        if kind == "choice":
+            values = spec.get("values")
+            if not isinstance(values, list) or not values:
+                raise _err(path, f"search.{key}.values={values!r}: expected a non-empty list")
+            for v in values:
+                _config(path, f"search.{key}", {**base.to_dict(), key: v})
+            out[key] = {"type": kind, "values": list(values)}
+            continue
+        lo = _number(path, f"search.{key}.low", spec.get("low"), integer=kind == "int", low=-1e300)
+        hi = _number(path, f"search.{key}.high", spec.get("high"), integer=kind == "int",
+                     low=-1e300)
+        if kind == "loguniform" and lo <= 0:
+            raise _err(path, f"search.{key}.low={lo!r}: a log-uniform bound must be > 0")
+        if not lo < hi:
+            raise _err(path, f"search.{key}: low={lo!r} must be < high={hi!r}")
+        out[key] = {"type": kind, "low": lo, "high": hi}
+    # Every corner of the box must be a valid config (e.g. temperature_min <= temperature_init).
+    bounds = [[(k, s["low"]), (k, s["high"])] if "low" in s else [(k, v) for v in s["values"]]
+              for k, s in out.items()]
+    for corner in itertools.product(*bounds):
+        _config(path, f"search corner {dict(corner)}", {**base.to_dict(), **dict(corner)})
+    return out
+
+
+def load_space(path: str | Path, overrides: dict[str, Any] | None = None,
+               smoke: bool = False) -> Space:
+    """Read and validate a search-space YAML file; errors name the file, key, value and what is allowed.
+
+    Args:
+        path: the YAML file.
+        overrides: key=value changes to the base config (applied after --smoke).
+        smoke: shrink the task to a tiny one, keeping the number of configurations.
+    """
+    path = Path(path)
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise _err(path, "expected a mapping with keys " + ", ".join(TOP_KEYS))
+    raw = _mapping(path, "top level", raw, TOP_KEYS)
+    metric = raw.get("metric", "tau")
+    if not isinstance(metric, str) or not metric:
+        raise _err(path, f"metric={metric!r}: expected a metric name such as 'tau'")
+    metric_mode = raw.get("metric_mode", "max")
+    if metric_mode not in ("max", "min"):
+        raise _err(path, f"metric_mode={metric_mode!r}: expected max or min")
+    scheduler = raw.get("scheduler", "fifo")
+    if scheduler not in SCHEDULERS:
+        raise _err(path, f"scheduler={scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
+    asha = _mapping(path, "asha", raw.get("asha"), ("grace_period", "reduction_factor"))
+    grace = _number(path, "asha.grace_period", asha.get("grace_period", 1), integer=True, low=1)
+    rf = _number(path, "asha.reduction_factor", asha.get("reduction_factor", 2), integer=True,
+                 low=2)
+    res = _mapping(path, "resources", raw.get("resources"), ("cpu", "gpu"))
+    cpu = _number(path, "resources.cpu", res.get("cpu", 1), low=0, inclusive=False)
+    gpu = _number(path, "resources.gpu", res.get("gpu", 0), low=0)
+    max_conc = _number(path, "max_concurrent", raw.get("max_concurrent", 0), integer=True)
+    num_samples = _number(path, "num_samples", raw.get("num_samples", 1), integer=True, low=1)
+    seed = _number(path, "seed", raw.get("seed", 0), integer=True)
+    base_raw = raw.get("base") or {}
+    if not isinstance(base_raw, dict):
+        raise _err(path, f"base: expected a mapping of config keys, got {base_raw!r}")
+    base = _config(path, "base", base_raw)
+
+    experiments = _experiments(path, raw["experiments"], base) if "experiments" in raw else ()
+    if smoke:
+        base, experiments = _smoke(path, base, experiments)
+        num_samples, grace = min(num_samples, SMOKE_NUM_SAMPLES), 1
+    if overrides:
+        swept = {e.swept for e in experiments} | set(raw.get("search") or {})
+        clash = sorted(set(overrides) & swept)
+        if clash:
+            raise _err(path, f"{clash[0]} is swept by this space; it cannot be overridden")
+        base = _config(path, "override", {**base.to_dict(), **overrides})
+    search = _search(path, raw["search"], base) if "search" in raw else {}
+    return Space(path.resolve(), str(raw.get("name", path.stem)), str(raw.get("description", "")),
+                 metric, metric_mode, scheduler, grace, rf, float(cpu), float(gpu), max_conc,
+                 num_samples, seed, base, experiments, search)
+
+
+def _smoke(path: Path, base: TrialConfig,
+           experiments: tuple[Experiment, ...]) -> tuple[TrialConfig, tuple[Experiment, ...]]:
+    """Shrink the task; map swept iteration counts / periods onto 1, 2, 3, ... by rank."""
+    small = base.replace(**SMOKE_BASE)
+    ranks: dict[str, dict[Any, int]] = {}
+    for key in SMOKE_RANKED:
+        vals = {getattr(base, key)} | {v for e in experiments if e.swept == key for v in e.values}
+        ranks[key] = {v: i + 1 for i, v in enumerate(sorted(vals))}
+    if any(e.swept in ranks for e in experiments):
+        small = small.replace(**{k: r[getattr(base, k)] for k, r in ranks.items()})
+    exps = tuple(Experiment(e.name, e.description, e.swept,
+                            tuple(ranks[e.swept][v] for v in e.values) if e.swept in ranks
+                            else e.values) for e in experiments)
+    _config(path, "smoke", small.to_dict())
+    return small, exps
+
+
+def canonical(params: dict[str, Any]) -> str:
+    """A stable key for a set of hyperparameters (equal configs, equal keys)."""
+    return json.dumps({k: params[k] for k in sorted(params)}, sort_keys=True, default=str)
+
+
+def grid_variants(space: Space, names: list[str] | None = None
+                  ) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """The deduplicated configurations of the chosen experiments.
+
+    Returns:
+        variants: one dict per distinct configuration, holding every swept key (base values
+            filled in), in first-seen order.
+        membership: canonical(variant) -> names of the experiments it counts for.
+    """
+    chosen = list(space.experiments)
+    if names:
+        known = [e.name for e in chosen]
+        for n in names:
+            if n not in known:
+                raise ConfigError(f"{space.path}: unknown experiment {n!r}{suggest(n, known)}; "
+                                  f"experiments: {', '.join(known)}")
+        chosen = [e for e in chosen if e.name in names]
+    swept = sorted({e.swept for e in chosen if e.swept is not None})
+    base = space.base.to_dict()
+    variants: list[dict[str, Any]] = []
+    membership: dict[str, list[str]] = {}
+    for e in chosen:
+        for v in e.values:
+            params = {k: base[k] for k in swept}
+            if e.swept is not None:
+                params[e.swept] = v
+            key = canonical(params)
+            if key not in membership:
+                variants.append(params)
+                membership[key] = []
+            if e.name not in membership[key]:
+                membership[key].append(e.name)
+    return variants, membership
+
+
+def resolve_space_path(arg: str | None, default_name: str) -> Path:
+    """A path as given, or a bare name looked up in search_spaces/."""
+    if arg is None:
+        return SPACES_DIR / default_name
+    p = Path(arg)
+    if not p.exists() and not p.suffix and (SPACES_DIR / f"{arg}.yaml").exists():
+        return SPACES_DIR / f"{arg}.yaml"
+    return p
