@@ -150,6 +150,11 @@ def _coerce(key: str, value: Any) -> Any:
             raise ConfigError(f"{key}={value!r}: expected an integer")
         return value
     if want is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r}: expected a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r}: expected a number")
         if not math.isfinite(value):

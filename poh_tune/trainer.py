@@ -91,10 +91,9 @@ class SeedTrainer:
                 loss = loss + entropy_w * ent
         return loss, {"rank": rank_loss.detach(), "entropy": ent.detach()}
 
-    def train_epoch(self) -> dict[str, Any]:
-        """Train one epoch, evaluate on dev (and on test when dev improves); return its metrics."""
+    def train_pass(self) -> dict[str, Any]:
+        """One optimisation pass over the training split at the current epoch's schedule."""
         cfg, e = self.cfg, self.epoch
-        t0 = time.perf_counter()
         temp, ent_w = temperature_at(cfg, e), entropy_weight_at(cfg, e)
         frozen = e < cfg.controller_warmup_epochs
         for p in self.ctrl_params:
@@ -127,14 +126,18 @@ class SeedTrainer:
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"seed {self.seed}, epoch {e + 1}: training loss is {train_loss}")
         self.epoch += 1
-        m: dict[str, Any] = {"epoch": self.epoch, "train_loss": train_loss,
-                             "train_loss_rank": rank_loss, "train_entropy": ent,
-                             "temperature": temp, "entropy_weight": ent_w,
-                             "controller_frozen": frozen}
-        dev = self.evaluate("dev", temp, diagnostics=cfg.diagnostics)
+        return {"epoch": self.epoch, "train_loss": train_loss, "train_loss_rank": rank_loss,
+                "train_entropy": ent, "temperature": temp, "entropy_weight": ent_w,
+                "controller_frozen": frozen}
+
+    def train_epoch(self) -> dict[str, Any]:
+        """Train one epoch, evaluate on dev (and on test when dev improves); return its metrics."""
+        t0 = time.perf_counter()
+        m = self.train_pass()
+        dev = self.evaluate("dev", m["temperature"], diagnostics=self.cfg.diagnostics)
         m.update(dev)
         if dev["tau"] > self.best["best_tau"]:
-            test = self.evaluate("test", temp, diagnostics=False)
+            test = self.evaluate("test", m["temperature"], diagnostics=False)
             self.best = {"best_tau": dev["tau"], "best_epoch": self.epoch,
                          **{f"test_{k}": v for k, v in test.items()}}
         m.update(self.best)

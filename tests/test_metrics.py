@@ -1,0 +1,90 @@
+import itertools
+import math
+
+import pytest
+import torch
+
+from poh_tune.metrics import kendall_tau, mean_ci95, ranks_from_scores, routing_stats
+
+
+def tau_reference(pred, target, obs):
+    """Straightforward O(L^2) loop, written from the SPEC's definition."""
+    conc = disc = n = 0
+    for i, j in itertools.combinations(range(len(pred)), 2):
+        if obs is not None and not (obs[i] and obs[j]):
+            continue
+        t = (target[i] > target[j]) - (target[i] < target[j])
+        if t == 0:
+            continue  # tied in the target: not counted at all
+        n += 1
+        p = (pred[i] > pred[j]) - (pred[i] < pred[j])
+        if p == t:
+            conc += 1
+        elif p == -t:
+            disc += 1
+    return (conc - disc) / n if n else 0.0
+
+
+def test_matches_reference_with_ties_and_masks():
+    g = torch.Generator().manual_seed(0)
+    B, L = 64, 12
+    pred = torch.randint(0, 5, (B, L), generator=g).float()  # many ties in the prediction
+    target = torch.randint(0, 8, (B, L), generator=g).float()  # and some in the target
+    obs = torch.rand(B, L, generator=g) < 0.6
+    got_masked = kendall_tau(pred, target, obs)
+    got_all = kendall_tau(pred, target)
+    for b in range(B):
+        p, t, o = pred[b].tolist(), target[b].tolist(), obs[b].tolist()
+        assert got_masked[b].item() == pytest.approx(tau_reference(p, t, o), abs=1e-6)
+        assert got_all[b].item() == pytest.approx(tau_reference(p, t, None), abs=1e-6)
+
+
+def test_sorted_is_one_reversed_is_minus_one():
+    target = torch.randperm(20).unsqueeze(0).repeat(3, 1)
+    obs = torch.rand(3, 20) < 0.5
+    obs[:, :2] = True
+    assert torch.equal(kendall_tau(target.float() * 3 + 1, target, obs), torch.ones(3))
+    assert torch.equal(kendall_tau(-target.float(), target, obs), -torch.ones(3))
+    assert torch.equal(kendall_tau(-target.float(), target), -torch.ones(3))
+
+
+def test_hidden_positions_never_change_mask_aware_tau():
+    g = torch.Generator().manual_seed(1)
+    B, L = 32, 20
+    target = torch.rand(B, L, generator=g).argsort(-1)
+    obs = torch.rand(B, L, generator=g) < 0.5
+    pred = torch.randn(B, L, generator=g)
+    base = kendall_tau(pred, target, obs)
+    for _ in range(5):
+        changed = torch.where(obs, pred, torch.randn(B, L, generator=g) * 100)
+        assert torch.equal(kendall_tau(changed, target, obs), base)
+    # ...while the all-pairs τ does see them.
+    assert not torch.equal(kendall_tau(changed, target), kendall_tau(pred, target))
+
+
+def test_only_signs_matter_scores_and_ranks_agree():
+    scores = torch.randn(16, 10)
+    target = torch.randn(16, 10)
+    assert torch.allclose(kendall_tau(scores, target), kendall_tau(ranks_from_scores(scores), target))
+
+
+def test_routing_stats_on_uniform_and_one_hot():
+    uni = torch.full((2, 5, 4), 0.25)
+    st = routing_stats(uni)
+    assert torch.allclose(st["entropy"], torch.full((2, 5), math.log(4)))
+    assert torch.allclose(st["herfindahl"], torch.full((2, 5), 0.25))
+    one = torch.zeros(2, 5, 4)
+    one[..., 1] = 1
+    st = routing_stats(one)
+    assert torch.allclose(st["entropy"], torch.zeros(2, 5))
+    assert torch.allclose(st["max_alpha"], torch.ones(2, 5))
+
+
+def test_mean_ci95_against_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    vals = [0.91, 0.95, 0.93, 0.97, 0.90]
+    m, hw = mean_ci95(vals)
+    lo, hi = stats.t.interval(0.95, len(vals) - 1, loc=sum(vals) / 5, scale=stats.sem(vals))
+    assert m == pytest.approx((lo + hi) / 2)
+    assert hw == pytest.approx((hi - lo) / 2)
+    assert mean_ci95([0.5]) == (0.5, 0.0)

@@ -1,0 +1,123 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from poh_tune.model import HRMCarry, HRMController, ModelConfig, PoHSorter, RoutedAttention
+
+
+def small_model(**kw) -> PoHSorter:
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**dict(array_len=8, d_model=32, n_heads=4, d_ff=64, d_ctrl=16,
+                                max_inner_iters=6, hrm_period=3), **kw})
+    return PoHSorter(cfg)
+
+
+def inputs(B=5, L=8):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(B, L, generator=g), torch.rand(B, L, generator=g) < 0.5
+
+
+def test_routed_attention_equals_a_per_head_loop():
+    torch.manual_seed(0)
+    att = RoutedAttention(16, 4)
+    x = torch.randn(3, 6, 16)
+    alpha = torch.softmax(torch.randn(3, 6, 4), -1)
+    W, b = att.qkv.weight, att.qkv.bias
+    q, k, v = (x @ W.T + b).split(16, dim=-1)
+    heads = []
+    for h in range(4):  # the reference: one head at a time
+        sl = slice(4 * h, 4 * h + 4)
+        a = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(4), -1)
+        heads.append((a @ v[..., sl]) * alpha[..., h: h + 1])
+    ref = F.linear(torch.cat(heads, -1), att.out.weight, att.out.bias)
+    assert torch.allclose(att(x, alpha), ref, atol=1e-5)
+
+
+def test_alpha_is_a_distribution_and_shapes():
+    m = small_model()
+    x, obs = inputs()
+    out = m(x, obs, temperature=1.5, keep_hidden=True)
+    assert out.scores.shape == (6, 5, 8)
+    assert out.hidden.shape == (6, 5, 8, 32)
+    assert out.alphas.shape == (6, 5, 8, 4)
+    assert torch.allclose(out.alphas.sum(-1), torch.ones(6, 5, 8), atol=1e-6)
+    assert (out.alphas > 0).all()
+
+
+def test_temperature_sharpens_routing():
+    m = small_model()
+    x, obs = inputs()
+    hot = m(x, obs, temperature=5.0).alphas
+    cold = m(x, obs, temperature=0.2).alphas
+    ent = lambda a: -(a * a.log()).sum(-1).mean()  # noqa: E731
+    assert ent(cold) < ent(hot)
+
+
+def test_z_H_changes_only_on_period_iterations_in_forward():
+    m = small_model(max_inner_iters=7, hrm_period=3)
+    with torch.no_grad():
+        m.controller.z_H0.normal_()
+    x, obs = inputs()
+    z_H = m(x, obs, keep_z_H=True).z_H  # (T, B, L, c)
+    prev = m.controller.z_H0.expand_as(z_H[0])
+    for t in range(7):
+        changed = (z_H[t] != prev).any(-1)  # (B, L)
+        assert changed.all().item() == (t % 3 == 0), t
+        assert changed.any().item() == (t % 3 == 0), t
+        prev = z_H[t]
+
+
+def test_z_H_update_is_decided_per_sample():
+    torch.manual_seed(0)
+    ctrl = HRMController(d_model=16, d_ctrl=8, n_heads=4, period=4)
+    B, L = 6, 5
+    carry = HRMCarry(torch.randn(B * L, 8), torch.randn(B * L, 8))
+    t_B = torch.tensor([0, 1, 4, 6, 8, 3])  # samples at different iterations
+    _, new = ctrl.step(carry, torch.randn(B, L, 16), t_B)
+    changed = (new.z_H != carry.z_H).any(-1).view(B, L)
+    expect = (t_B % 4 == 0).unsqueeze(-1).expand(B, L)
+    assert torch.equal(changed, expect)
+    assert (new.z_L != carry.z_L).any(-1).all()  # the fast state moves every iteration
+
+
+@pytest.mark.parametrize("controller", ["hrm", "mlp"])
+def test_grad_mode_last_cuts_the_first_iterations(controller):
+    x, obs = inputs()
+    for mode, reaches in (("full", True), ("last", False)):
+        m = small_model(grad_mode=mode, controller=controller)
+        seen = []  # (state, alpha) entering the block at every iteration
+        m.block.register_forward_pre_hook(lambda mod, args: seen.append(args))
+        out = m(x, obs)
+        loss = out.scores[-1].pow(2).sum()  # supervise the last iteration only
+        z0, a0 = seen[0]
+        zl, al = seen[-1]
+        g = torch.autograd.grad(loss, [z0, a0, al], allow_unused=True, retain_graph=True)
+        assert g[2] is not None and g[2].abs().sum() > 0  # the last iteration's routing learns
+        assert zl.requires_grad == reaches  # "last" feeds it a detached state
+        for t in g[:2]:  # the first iteration's input and routing
+            assert (t is not None and t.abs().sum() > 0) == reaches, mode
+        enc = torch.autograd.grad(loss, m.encoder.ff[0].weight, allow_unused=True)[0]
+        assert (enc is not None and enc.abs().sum() > 0) == reaches
+
+
+def test_baseline_is_one_pass_without_controller():
+    m = small_model(model="baseline")
+    x, obs = inputs()
+    out = m(x, obs)
+    assert out.scores.shape == (1, 5, 8) and out.alphas is None
+    assert m.controller_parameters() == []
+
+
+def test_pointer_greedy_returns_permutations_and_teacher_forcing_is_finite():
+    m = small_model()
+    h = torch.randn(7, 8, 32)
+    ranks = m.pointer.greedy_ranks(h)
+    assert torch.equal(ranks.sort(-1).values, torch.arange(8).expand(7, 8))
+    target = torch.rand(7, 8).argsort(-1).argsort(-1)
+    logits = m.pointer.teacher_forced(h, target)
+    perm = target.argsort(-1)
+    assert torch.isfinite(logits.gather(2, perm.unsqueeze(-1))).all()
+    # rank r has exactly L - r positions still free
+    assert torch.equal(torch.isfinite(logits).sum(-1), (8 - torch.arange(8)).expand(7, 8))
