@@ -1,0 +1,397 @@
+"""`python -m poh_tune.launch grid|optuna|report`: run a search space on Ray Tune, write its results."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from poh_tune.config import ConfigError, TrialConfig, from_dict, parse_overrides
+from poh_tune.io import atomic_write_text
+from poh_tune.spaces import Space, canonical, grid_variants, load_space, resolve_space_path
+from poh_tune.trainable import METRICS_FILE, TRIAL_FILE
+
+EXPERIMENT_FILE = "poh_experiment.yaml"
+DEFAULT_SPACE = {"grid": "document_grid.yaml", "optuna": "optuna_refine.yaml"}
+# Columns of results.csv taken from a trial's last logged epoch ("final_") and its best epoch.
+FINAL_KEYS = ("tau", "tau_all", "tau_ci95", "accuracy", "perfect_sort", "train_loss",
+              "herfindahl", "max_alpha", "routing_healthy")
+BEST_KEYS = ("best_tau", "best_epoch", "test_tau", "test_tau_ci95", "test_tau_all",
+             "test_accuracy", "test_perfect_sort")
+
+
+class UsageError(Exception):
+    """A user mistake outside a config file (paths, --resume, --address): exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m poh_tune.launch", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for cmd in ("grid", "optuna"):
+        s = sub.add_parser(cmd, help=f"run a {cmd} search space")
+        s.add_argument("space", nargs="?", help=f"search-space YAML (default: search_spaces/"
+                                                f"{DEFAULT_SPACE[cmd]}); a bare name is looked up there")
+        s.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                       help="changes to the base config, e.g. epochs=20")
+        if cmd == "grid":
+            s.add_argument("--experiment", action="append", default=None, metavar="NAME",
+                           help="run only this experiment (repeatable); default: all")
+        else:
+            s.add_argument("--num-samples", type=int, default=None)
+            s.add_argument("--seed", type=int, default=None, help="TPE seed")
+        s.add_argument("--name", default=None, help="run name (default: the space's name)")
+        s.add_argument("--storage", default="poh_runs", help="results root (default ./poh_runs)")
+        s.add_argument("--address", default=None, help="join this Ray cluster instead of an "
+                                                        "embedded local one")
+        s.add_argument("--num-cpus", type=int, default=None,
+                       help="CPUs of the embedded Ray (default: all)")
+        s.add_argument("--cpus-per-trial", type=float, default=None)
+        s.add_argument("--gpus-per-trial", type=float, default=None)
+        s.add_argument("--max-concurrent", type=int, default=None)
+        s.add_argument("--scheduler", choices=("fifo", "asha"), default=None)
+        s.add_argument("--checkpoint-every", type=int, default=1)
+        s.add_argument("--max-failures", type=int, default=2,
+                       help="retries of a trial whose process dies (from its last checkpoint)")
+        s.add_argument("--resume", action="store_true", help="continue an interrupted run")
+        s.add_argument("--smoke", action="store_true", help="a tiny task with the same structure")
+        s.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    r = sub.add_parser("report", help="write the report of a finished experiment")
+    r.add_argument("exp_dir")
+    r.add_argument("--out", default=None)
+    return p
+
+
+# --- what to run ----------------------------------------------------------------------------------
+def resolve(args: argparse.Namespace) -> tuple[Space, Path, dict[str, Any]]:
+    """Validate everything before Ray starts. Returns the space, the experiment dir, launch info."""
+    if args.space and "=" in args.space and not Path(args.space).exists():
+        args.overrides.insert(0, args.space)  # `launch grid epochs=3`: no space given
+        args.space = None
+    storage = Path(args.storage).expanduser().resolve()
+    if args.resume:
+        if args.name is None:
+            raise UsageError("--resume needs --name RUN (the run to continue) "
+                             f"under {storage}")
+        exp_dir = storage / args.name
+        info_file = exp_dir / EXPERIMENT_FILE
+        if not (exp_dir / "tuner.pkl").exists() or not info_file.exists():
+            raise UsageError(f"--resume: nothing to resume in {exp_dir} (no tuner.pkl or "
+                             f"{EXPERIMENT_FILE})")
+        info = yaml.safe_load(info_file.read_text())
+        if info["mode"] != args.command:
+            raise UsageError(f"--resume: {exp_dir} is a {info['mode']} run, not {args.command}")
+        launch = info["launch"]
+        space = load_space(info["space_file"], launch["overrides"], launch["smoke"])
+        return space, exp_dir, launch
+    if args.max_concurrent is not None and args.max_concurrent < 0:
+        raise UsageError(f"--max-concurrent={args.max_concurrent}: must be >= 0")
+    if args.checkpoint_every < 1:
+        raise UsageError(f"--checkpoint-every={args.checkpoint_every}: must be >= 1")
+    path = resolve_space_path(args.space, DEFAULT_SPACE[args.command])
+    overrides = parse_overrides(args.overrides)
+    space = load_space(path, overrides, args.smoke)
+    if args.command == "grid" and not space.experiments:
+        raise ConfigError(f"{path}: a grid space needs an 'experiments' section")
+    if args.command == "optuna" and not space.search:
+        raise ConfigError(f"{path}: an optuna space needs a 'search' section")
+    name = args.name or (space.name + ("_smoke" if args.smoke else ""))
+    exp_dir = storage / name
+    if (exp_dir / "tuner.pkl").exists():
+        raise UsageError(f"{exp_dir} holds a run already: continue it with --resume --name "
+                         f"{name}, or choose another --name")
+    cpu = args.cpus_per_trial if args.cpus_per_trial is not None else space.cpu
+    gpu = args.gpus_per_trial if args.gpus_per_trial is not None else space.gpu
+    if cpu <= 0 or gpu < 0:
+        raise UsageError(f"--cpus-per-trial={cpu} must be > 0 and --gpus-per-trial={gpu} >= 0")
+    launch = {
+        "smoke": args.smoke, "overrides": overrides,
+        "experiment_names": getattr(args, "experiment", None),
+        "cpu": cpu, "gpu": gpu, "checkpoint_every": args.checkpoint_every,
+        "max_concurrent": (args.max_concurrent if args.max_concurrent is not None
+                           else space.max_concurrent),
+        "scheduler": args.scheduler or space.scheduler,
+        "num_samples": getattr(args, "num_samples", None) or space.num_samples,
+        "seed": getattr(args, "seed", None) if getattr(args, "seed", None) is not None
+        else space.seed,
+    }
+    if launch["num_samples"] < 1:
+        raise UsageError(f"--num-samples={launch['num_samples']}: must be >= 1")
+    if args.command == "grid":
+        grid_variants(space, launch["experiment_names"])  # unknown experiment names fail here
+    return space, exp_dir, launch
+
+
+def experiment_info(command: str, space: Space, launch: dict[str, Any]) -> dict[str, Any]:
+    names = launch["experiment_names"]
+    exps = {e.name: {"swept": e.swept, "description": e.description}
+            for e in space.experiments if not names or e.name in names}
+    return {"mode": command, "space_file": str(space.path), "metric": space.metric,
+            "metric_mode": space.metric_mode, "experiments": exps if command == "grid" else {},
+            "base_config": space.base.to_dict(), "launch": launch}
+
+
+# --- Ray ------------------------------------------------------------------------------------------
+def start_ray(address: str | None, num_cpus: int | None) -> None:
+    # Both are read when Ray / Tune start: loopback only, and our own TensorBoard writer
+    # (one event per epoch even after a restore) instead of Ray's.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import ray
+
+    if address is None:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False)
+        return
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except Exception as e:  # unreachable address, refused auth, ...
+        raise UsageError(f"--address {address}: cannot join the Ray cluster "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                         ) from None
+
+
+def make_trainable(space: Space, launch: dict[str, Any], membership: dict[str, list[str]]):
+    from ray import tune
+
+    from poh_tune.trainable import train_trial
+
+    fn = tune.with_parameters(train_trial, base=space.base.to_dict(), membership=membership,
+                              checkpoint_every=launch["checkpoint_every"])
+    return tune.with_resources(fn, {"cpu": launch["cpu"], "gpu": launch["gpu"]})
+
+
+def make_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path, trainable):
+    import numpy as np
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    # Grid points are presets over constant values; Ray warns for every one that differs.
+    logging.getLogger("ray.tune.search.variant_generator").setLevel(logging.ERROR)
+    np.random.seed(launch["seed"])  # ASHA draws its brackets from NumPy's global state
+    epochs = space.base.epochs
+    if launch["scheduler"] == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs,
+                                  grace_period=min(space.grace_period, epochs),
+                                  reduction_factor=space.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    max_conc = launch["max_concurrent"]
+    if command == "grid":
+        variants, _ = grid_variants(space, launch["experiment_names"])
+        param_space = dict(variants[0])
+        search_alg = BasicVariantGenerator(points_to_evaluate=variants, max_concurrent=max_conc)
+        num_samples = len(variants)
+        columns = sorted(param_space)
+    else:
+        from optuna.samplers import TPESampler
+
+        from poh_tune.search import PohOptunaSearch, distributions, study_storage
+
+        searcher = PohOptunaSearch(
+            space=distributions(space.search), metric=space.metric, mode=space.metric_mode,
+            sampler=TPESampler(seed=launch["seed"]), study_name=exp_dir.name,
+            storage=study_storage(exp_dir), epochs=epochs)
+        search_alg = ConcurrencyLimiter(searcher, max_concurrent=max_conc or 2)
+        param_space = {}
+        num_samples = launch["num_samples"]
+        columns = sorted(space.search)
+    reporter = tune.CLIReporter(
+        parameter_columns=columns, max_report_frequency=15,
+        metric_columns=["epoch", space.metric, "best_tau", "tau_ci95", "epoch_s"])
+    run_config = tune.RunConfig(
+        name=exp_dir.name, storage_path=str(exp_dir.parent),
+        failure_config=tune.FailureConfig(max_failures=launch.get("max_failures", 2)),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
+        callbacks=[JsonLoggerCallback(), CSVLoggerCallback()], progress_reporter=reporter,
+        verbose=1)
+    tune_config = tune.TuneConfig(metric=space.metric, mode=space.metric_mode,
+                                  search_alg=search_alg, scheduler=scheduler,
+                                  num_samples=num_samples, reuse_actors=True)
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
+                      run_config=run_config)
+
+
+# --- results --------------------------------------------------------------------------------------
+def _read_metrics(trial_dir: Path) -> list[dict[str, Any]]:
+    rows: dict[int, dict[str, Any]] = {}
+    f = trial_dir / METRICS_FILE
+    if f.exists():
+        for line in f.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue  # a torn last line after a kill
+            rows.setdefault(int(r["epoch"]), r)
+    return [rows[e] for e in sorted(rows)]
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def collect(results, epochs_of: dict[str, int]) -> list[dict[str, Any]]:
+    """One row per trial from Tune's ResultGrid and each trial's own metrics.jsonl."""
+    rows = []
+    for r in results:
+        trial_dir = Path(r.path)
+        info = yaml.safe_load((trial_dir / TRIAL_FILE).read_text()) if (
+            trial_dir / TRIAL_FILE).exists() else {}
+        cfg = info.get("config") or {}
+        trial_id = info.get("trial_id") or (r.metrics or {}).get("trial_id") or trial_dir.name
+        hist = _read_metrics(trial_dir)
+        last = hist[-1] if hist else {}
+        done = int(last.get("epoch", 0))
+        epochs = int(cfg.get("epochs", epochs_of.get(trial_id, 0)) or 0)
+        error = None if r.error is None else str(r.error).strip().splitlines()[-1][:500]
+        row: dict[str, Any] = {
+            "trial_id": trial_id, "status": "ERROR" if error else "TERMINATED",
+            "experiments": ";".join(info.get("experiments") or []),
+            "epochs_done": done, "stopped_early": error is None and done < epochs,
+            "error": error or "", "trial_dir": str(trial_dir)}
+        row.update({f"config.{k}": (v if not isinstance(v, list) else " ".join(map(str, v)))
+                    for k, v in cfg.items()})
+        row.update({f"final_{k}": last.get(k, "") for k in FINAL_KEYS})
+        row.update({k: last.get(k, "") for k in BEST_KEYS})
+        rows.append(row)
+    return sorted(rows, key=lambda x: x["trial_id"])
+
+
+def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """Best trial by the metric at its last epoch, among trials that ran every epoch."""
+    def score(r):
+        v = r.get(f"final_{metric}", r.get(metric, ""))
+        return float(v) if v != "" and math.isfinite(float(v)) else None
+
+    ok = [r for r in rows if r["status"] == "TERMINATED" and not r["stopped_early"]
+          and score(r) is not None]
+    if not ok:
+        return None
+    return (max if mode == "max" else min)(ok, key=score)
+
+
+def config_of(row: dict[str, Any]) -> TrialConfig:
+    d = {k[len("config."):]: v for k, v in row.items() if k.startswith("config.")}
+    d["seeds"] = [int(s) for s in str(d["seeds"]).split()]
+    return from_dict(d)
+
+
+def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool) -> int:
+    rows = collect(results, {})
+    atomic_write_text(exp_dir / "results.csv", _csv_text(rows))
+    n_err = sum(r["status"] == "ERROR" for r in rows)
+    n_stop = sum(bool(r["stopped_early"]) for r in rows)
+    print(f"\n{len(rows)} trials: {len(rows) - n_err - n_stop} completed, {n_stop} stopped "
+          f"early, {n_err} errored")
+    for r in rows:
+        if r["error"]:
+            print(f"  {r['trial_id']} errored: {r['error']}")
+    if command == "optuna":
+        import optuna
+
+        from poh_tune.search import STUDY_FILE, close_stale_trials, study_storage
+
+        study = optuna.load_study(study_name=exp_dir.name, storage=study_storage(exp_dir))
+        stale = close_stale_trials(study)
+        if stale:
+            print(f"  {stale} Optuna trial(s) left RUNNING were marked FAIL")
+        print(f"Optuna study: {exp_dir / STUDY_FILE} (optuna-dashboard sqlite:///"
+              f"{exp_dir / STUDY_FILE})")
+    best = best_row(rows, space.metric, space.metric_mode)
+    if best is not None:
+        cfg = config_of(best)
+        from poh_tune.config import save_config
+
+        save_config(cfg, exp_dir / "best_config.yaml")
+        print(f"best trial {best['trial_id']}: {space.metric}={best[f'final_{space.metric}']} "
+              f"(best dev tau {best['best_tau']}, test tau {best['test_tau']})")
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+        print(f"written to {exp_dir / 'best_config.yaml'} "
+              f"(python -m poh_tune.train --config {exp_dir / 'best_config.yaml'})")
+    print(f"results: {exp_dir / 'results.csv'}")
+    if not no_report:
+        run_report(exp_dir, None, quiet_missing=True)
+    print(f"experiment dir: {exp_dir}\n  tensorboard --logdir {exp_dir}")
+    return 1 if n_err else 0
+
+
+def run_report(exp_dir: Path, out: str | None, quiet_missing: bool = False) -> int:
+    """Call poh_tune.report.write_report; a failure is printed, never fatal to a finished run."""
+    try:
+        from poh_tune.report import write_report
+    except ImportError as e:
+        if not quiet_missing:
+            print(f"error: the report module is not available ({e})", file=sys.stderr)
+        return 2
+    try:
+        write_report(exp_dir, out_dir=out)
+    except Exception as e:
+        print(f"report failed ({type(e).__name__}: {e}); the run's results are intact",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "report":
+        exp_dir = Path(args.exp_dir)
+        if not exp_dir.is_dir():
+            raise UsageError(f"{exp_dir}: no such experiment directory")
+        return run_report(exp_dir, args.out)
+    space, exp_dir, launch = resolve(args)
+    launch["max_failures"] = args.max_failures
+    _, membership = grid_variants(space, launch["experiment_names"]) if args.command == "grid" \
+        else ([], {})
+    print(f"experiment dir: {exp_dir}\n  tensorboard --logdir {exp_dir}", flush=True)
+    start_ray(args.address, args.num_cpus)
+    from ray import tune
+
+    trainable = make_trainable(space, launch, membership)
+    if args.resume:
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(exp_dir / EXPERIMENT_FILE,
+                          yaml.safe_dump(experiment_info(args.command, space, launch),
+                                         sort_keys=False))
+        tuner = make_tuner(args.command, space, launch, exp_dir, trainable)
+    results = tuner.fit()
+    return finish(args.command, space, exp_dir, results, args.no_report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ConfigError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "canonical"]

@@ -1,0 +1,153 @@
+"""The Ray Tune function trainable: one configuration trained on its seeds, reported every epoch."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from poh_tune.config import TrialConfig, from_dict
+from poh_tune.io import atomic_write_text
+from poh_tune.spaces import canonical
+from poh_tune.trainer import TrialRunner
+
+METRICS_FILE = "metrics.jsonl"
+TRIAL_FILE = "poh_trial.yaml"
+CKPT_FILE = "trial.pt"
+TB_DIR = "tb"
+# Test-only fault injection (issue 6): the trial's process exits hard after this epoch, once.
+CRASH_ENV = "POH_TUNE_CRASH_AFTER_EPOCH"
+
+
+def last_logged_epoch(path: Path) -> int:
+    """The highest epoch in a metrics.jsonl (0 if none); a torn last line is ignored."""
+    last = 0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                last = max(last, int(json.loads(line)["epoch"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return last
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and math.isfinite(float(v))}
+
+
+def _hparams(cfg: TrialConfig) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for k, v in cfg.to_dict().items()}
+
+
+def _write_hparams(writer: Any, cfg: TrialConfig) -> None:
+    """HParams session for TensorBoard: every hyperparameter; metrics are the scalar tags below."""
+    from tensorboardX.summary import hparams
+
+    metrics = {"tau": 0.0, "best_tau": 0.0, "test_tau": 0.0, "tau_all": 0.0}
+    exp, ssi, sei = hparams(_hparams(cfg), metrics)
+    for summary in (exp, ssi, sei):
+        writer.file_writer.add_summary(summary)
+
+
+def select_device() -> str:
+    """cuda when Ray gave this trial a GPU and torch sees one, else cpu."""
+    try:
+        gpus = ray.get_gpu_ids()
+    except Exception:
+        gpus = []
+    return "cuda" if gpus and torch.cuda.is_available() else "cpu"
+
+
+def cpu_share() -> int:
+    """Whole CPUs Ray assigned to this trial (at least 1)."""
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    except Exception:
+        cpus = 1
+    return max(1, int(cpus))
+
+
+def train_trial(config: dict[str, Any], base: dict[str, Any],
+                membership: dict[str, list[str]] | None = None,
+                checkpoint_every: int = 1) -> None:
+    """Tune function trainable.
+
+    Args:
+        config: the hyperparameters Tune chose (only those); applied on top of `base`.
+        base: the fixed full TrialConfig dict (through tune.with_parameters).
+        membership: canonical(config) -> grid experiments this configuration counts for.
+        checkpoint_every: epochs between checkpoints (one is also written at the end).
+    """
+    cfg = from_dict({**base, **config})
+    threads = cpu_share()
+    torch.set_num_threads(threads)
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    trial_dir = Path(ctx.get_trial_dir())
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    runner = TrialRunner(cfg, device=select_device())
+
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            runner.load(Path(d) / CKPT_FILE)
+
+    trial_file = trial_dir / TRIAL_FILE
+    if not trial_file.exists():
+        import yaml
+
+        experiments = (membership or {}).get(canonical(dict(config)), [])
+        atomic_write_text(trial_file, yaml.safe_dump(
+            {"config": cfg.to_dict(), "experiments": experiments, "trial_id": trial_id},
+            sort_keys=False))
+
+    from tensorboardX import SummaryWriter
+
+    metrics_file = trial_dir / METRICS_FILE
+    logged = last_logged_epoch(metrics_file)
+    writer = SummaryWriter(str(trial_dir / TB_DIR), flush_secs=5)
+    if logged == 0:
+        _write_hparams(writer, cfg)
+    node_id = ray.get_runtime_context().get_node_id()
+    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+    try:
+        while not runner.done:
+            m = runner.run_epoch()
+            epoch = int(m["epoch"])
+            if epoch > logged:  # each epoch logged once, even when replayed after a restore
+                _append_jsonl(metrics_file, {**m, "trial_id": trial_id})
+                for k, v in _scalars(m).items():
+                    writer.add_scalar(k, v, epoch)
+                writer.flush()
+                logged = epoch
+            report = {**m, "node_id": node_id, "gpu_ids": ",".join(gpu_ids),
+                      "torch_threads": threads}
+            if epoch % checkpoint_every == 0 or runner.done:
+                with tempfile.TemporaryDirectory() as tmp:
+                    runner.save(Path(tmp) / CKPT_FILE)
+                    tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
+            else:
+                tune.report(report)
+            marker = trial_dir / ".crashed"
+            if crash_after and epoch == crash_after and not marker.exists():
+                marker.touch()
+                os._exit(1)
+    finally:
+        writer.close()
