@@ -145,6 +145,9 @@ def start_ray(address: str | None, num_cpus: int | None) -> None:
     # (one event per epoch even after a restore) instead of Ray's.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # num_to_keep forces a state snapshot per kept checkpoint; with sub-second smoke epochs Ray
+    # warns about it on every epoch. Real epochs take seconds to minutes.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
 
     if address is None:
@@ -218,7 +221,7 @@ def make_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
         verbose=1)
     tune_config = tune.TuneConfig(metric=space.metric, mode=space.metric_mode,
                                   search_alg=search_alg, scheduler=scheduler,
-                                  num_samples=num_samples, reuse_actors=True)
+                                  num_samples=num_samples, reuse_actors=False)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                       run_config=run_config)
 

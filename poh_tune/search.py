@@ -74,6 +74,8 @@ class PohOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial = self._ot_trials[trial_id]
+        if result:  # the last result (or the one ASHA stopped on) reaches only this hook
+            self.on_trial_result(trial_id, result)
         value = result.get(self.metric) if result else None
         reached = int(result.get("epoch", 0)) if result else 0
         if error:
