@@ -45,8 +45,11 @@ STAT_KEYS = {
     "test_tau_all": "test all-pairs τ",
     "test_perfect_sort": "test perfect-sort rate",
 }
-FIG_SIZE_IN = (8.0, 5.0)
-FIG_DPI = 100  # with FIG_SIZE_IN: every PNG is 800 x 500 pixels
+FIG_DPI = 100
+FIG_SIZE_IN = (8.0, 5.0)  # the heatmap: 800 x 500 pixels
+PANEL_SIZE_IN = (5.0, 3.6)  # one panel of a line plot: 500 x 360 pixels
+PANEL_COLUMNS = 3
+MAX_LINES = 10  # a panel with more trials shows the best ones by test τ
 PLOT_FILES = ("tau_vs_epoch.png", "tau_vs_iteration.png", "entropy_vs_iteration.png",
               "alpha_heatmap.png")
 
@@ -101,7 +104,7 @@ class Experiment:
 
 # --- loading --------------------------------------------------------------------------------------
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl rows by epoch; a truncated last line (a killed writer) is skipped."""
+    """metrics.jsonl rows by epoch (the first row of an epoch wins); a torn last line is skipped."""
     by_epoch: dict[int, dict[str, Any]] = {}
     if not path.is_file():
         return []
@@ -113,7 +116,7 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
         if isinstance(row, dict) and "epoch" in row:
-            by_epoch[int(row["epoch"])] = row
+            by_epoch.setdefault(int(row["epoch"]), row)  # first wins, as the trainable logs it
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
@@ -451,57 +454,147 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_tau_vs_epoch(trials: list[Trial], labels: dict[str, str], path: Path) -> Path | None:
-    """Dev τ against epoch per configuration: mean over seeds with its 95 % CI band."""
-    trials = [t for t in trials if t.rows]
-    if not trials:
+@dataclass
+class Panel:
+    title: str
+    trials: list[Trial]
+    labels: dict[str, str]  # trial_id -> legend entry
+
+
+def plot_panels(exp: Experiment, labels: dict[str, str]) -> list[Panel]:
+    """One panel per grid experiment (lines named by the swept value), one for the other trials.
+
+    Args:
+        exp: the loaded experiment.
+        labels: trial_id -> full configuration label (used outside experiments).
+    Returns:
+        The panels, in the order of poh_experiment.yaml.
+    """
+    panels: list[Panel] = []
+    for name, info in (exp.meta.get("experiments") or {}).items():
+        members = [t for t in exp.trials if name in t.experiments]
+        if not members:
+            continue
+        key = (info or {}).get("swept") or "model"
+        members.sort(key=lambda t: (_sort_key(t.config.get(key)), t.trial_id))
+        panels.append(Panel(name, members, {t.trial_id: f"{key}={t.config.get(key)}"
+                                            for t in members}))
+    covered = {t.trial_id for p in panels for t in p.trials}
+    rest = [t for t in exp.trials if t.trial_id not in covered]
+    if rest:
+        panels.append(Panel("other configurations" if panels else "all configurations", rest,
+                            {t.trial_id: labels[t.trial_id] for t in rest}))
+    return panels
+
+
+def panel_grid(n_panels: int) -> tuple[int, int]:
+    """(rows, columns) of a figure of `n_panels` panels, at most PANEL_COLUMNS wide."""
+    cols = min(PANEL_COLUMNS, max(1, n_panels))
+    return math.ceil(max(1, n_panels) / cols), cols
+
+
+def panel_figure_px(n_panels: int) -> tuple[int, int]:
+    """(width, height) in pixels of a PNG with `n_panels` panels."""
+    rows, cols = panel_grid(n_panels)
+    return round(cols * PANEL_SIZE_IN[0] * FIG_DPI), round(rows * PANEL_SIZE_IN[1] * FIG_DPI)
+
+
+def _best_first(trials: list[Trial]) -> list[Trial]:
+    """At most MAX_LINES trials, the best by mean test τ, in their original order."""
+    if len(trials) <= MAX_LINES:
+        return trials
+    keep = sorted(trials, key=lambda t: -np.nan_to_num(trial_stat(t, "test_tau").mean,
+                                                      nan=-np.inf))[:MAX_LINES]
+    return [t for t in trials if t in keep]
+
+
+def _draw_panels(panels: list[Panel], draw, ylabel: str, xlabel: str, suptitle: str,
+                 path: Path) -> Path | None:
+    """Lay out one axis per panel (at most PANEL_COLUMNS a row); `draw(ax, panel)` plots one."""
+    panels = [p for p in panels if p.trials]
+    if not panels:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=FIG_SIZE_IN)
-    for t in trials:
-        ep, mean, lo, hi = [], [], [], []
-        for r in t.rows:
-            vals = _finite([r.get(f"tau_seed_{s}") for s in t.seeds]) or _finite([r.get("tau")])
-            m, h = mean_ci95(vals)
-            ep.append(r["epoch"])
-            mean.append(m)
-            lo.append(m - h)
-            hi.append(m + h)
-        (line,) = ax.plot(ep, mean, marker="." if len(ep) < 30 else None, label=labels[t.trial_id])
-        ax.fill_between(ep, lo, hi, color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("dev τ (mask-aware)")
-    ax.set_title("Dev τ per epoch: mean over seeds, 95 % CI band")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="lower right")
+    rows, cols = panel_grid(len(panels))
+    fig, axes = plt.subplots(rows, cols, squeeze=False, layout="constrained",
+                             figsize=(cols * PANEL_SIZE_IN[0], rows * PANEL_SIZE_IN[1]))
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        shown = _best_first(panel.trials)
+        title = panel.title
+        if len(shown) < len(panel.trials):
+            title += f" ({len(shown)} best of {len(panel.trials)} by test τ)"
+        draw(ax, Panel(title, shown, panel.labels))
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(suptitle, fontsize=10)
     return _save(fig, path)
 
 
-def plot_per_iteration(trials: list[Trial], labels: dict[str, str], prefix: str, ylabel: str,
-                       title: str, path: Path) -> Path | None:
-    """A per-inner-iteration metric (`<prefix>_<t>`) at the last epoch of every PoH trial."""
-    series = [(t, _iter_series(t.last, prefix)) for t in trials if t.is_pot]
-    series = [(t, s) for t, s in series if s]
-    if not series:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=FIG_SIZE_IN)
-    for t, s in series:
-        ax.plot(range(1, len(s) + 1), s, marker=".", label=labels[t.trial_id])
-    if prefix == "entropy_iter":
-        heads = {int(t.config.get("n_heads", 0)) for t, _ in series}
-        for h in sorted(heads):
-            if h > 1:
-                ax.axhline(math.log(h), ls="--", color="grey", lw=0.8)
-                ax.text(1, math.log(h), f" uniform over {h} heads", va="bottom", fontsize=7)
-    ax.set_xlabel("inner iteration")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    return _save(fig, path)
+def plot_tau_vs_epoch(panels: list[Panel], path: Path) -> Path | None:
+    """Dev τ against epoch per configuration: mean over seeds with its 95 % CI band.
+
+    Args:
+        panels: from plot_panels.
+        path: the PNG to write.
+    Returns:
+        The path, or None when no trial has metrics.
+    """
+    def draw(ax, panel: Panel) -> None:
+        for t in panel.trials:
+            if not t.rows:
+                continue
+            ep, mean, lo, hi = [], [], [], []
+            for r in t.rows:
+                vals = _finite([r.get(f"tau_seed_{s}") for s in t.seeds]) or _finite([r.get("tau")])
+                m, h = mean_ci95(vals)
+                ep.append(r["epoch"])
+                mean.append(m)
+                # τ lives in [-1, 1]; with two seeds the t interval alone is wider than that.
+                lo.append(max(-1.0, m - h))
+                hi.append(min(1.0, m + h))
+            (line,) = ax.plot(ep, mean, marker="." if len(ep) < 30 else None,
+                              label=panel.labels[t.trial_id])
+            ax.fill_between(ep, lo, hi, color=line.get_color(), alpha=0.15)
+
+    panels = [Panel(p.title, [t for t in p.trials if t.rows], p.labels) for p in panels]
+    return _draw_panels(panels, draw, "dev τ (mask-aware)", "epoch",
+                        "Dev τ per epoch: mean over seeds, 95 % CI band (clipped to [-1, 1])",
+                        path)
+
+
+def plot_per_iteration(panels: list[Panel], prefix: str, ylabel: str, suptitle: str,
+                       path: Path) -> Path | None:
+    """A per-inner-iteration metric (`<prefix>_<t>`) at the last epoch of every PoH trial.
+
+    Args:
+        panels: from plot_panels; trials without the metric (baselines) are left out.
+        prefix: "tau_iter" or "entropy_iter".
+        ylabel: the y axis label.
+        suptitle: the figure title.
+        path: the PNG to write.
+    Returns:
+        The path, or None when no PoH trial has the metric.
+    """
+    def draw(ax, panel: Panel) -> None:
+        for t in panel.trials:
+            s = _iter_series(t.last, prefix)
+            ax.plot(range(1, len(s) + 1), s, marker=".", label=panel.labels[t.trial_id])
+        if prefix == "entropy_iter":
+            for h in sorted({int(t.config.get("n_heads", 0)) for t in panel.trials}):
+                if h > 1:  # the entropy of uniform routing over h heads
+                    ax.axhline(math.log(h), ls="--", color="grey", lw=0.8)
+
+    panels = [Panel(p.title, [t for t in p.trials if t.is_pot and _iter_series(t.last, prefix)],
+                    p.labels) for p in panels]
+    return _draw_panels(panels, draw, ylabel, "inner iteration", suptitle, path)
 
 
 def alpha_matrix(row: dict[str, Any]) -> np.ndarray | None:
@@ -730,14 +823,17 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None) -> Path
     pots = [t for t in exp.trials if t.is_pot and alpha_matrix(t.last) is not None]
     best = max(pots, key=lambda t: np.nan_to_num(trial_stat(t, "test_tau").mean, nan=-np.inf),
                default=None)
+    panels = plot_panels(exp, labels)
     plots = {
-        "tau_vs_epoch.png": plot_tau_vs_epoch(exp.trials, labels, out / "tau_vs_epoch.png"),
+        "tau_vs_epoch.png": plot_tau_vs_epoch(panels, out / "tau_vs_epoch.png"),
         "tau_vs_iteration.png": plot_per_iteration(
-            exp.trials, labels, "tau_iter", "dev τ (mask-aware)",
-            "τ per inner iteration (last epoch)", out / "tau_vs_iteration.png"),
+            panels, "tau_iter", "dev τ (mask-aware)",
+            "τ per inner iteration, last epoch (should rise, then plateau)",
+            out / "tau_vs_iteration.png"),
         "entropy_vs_iteration.png": plot_per_iteration(
-            exp.trials, labels, "entropy_iter", "routing entropy (nats)",
-            "Routing entropy per inner iteration (last epoch)", out / "entropy_vs_iteration.png"),
+            panels, "entropy_iter", "routing entropy (nats)",
+            "Routing entropy per inner iteration, last epoch (dashed: uniform over the heads)",
+            out / "entropy_vs_iteration.png"),
         "alpha_heatmap.png": (plot_alpha_heatmap(best, labels[best.trial_id],
                                                  out / "alpha_heatmap.png") if best else None),
     }

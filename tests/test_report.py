@@ -209,12 +209,17 @@ def test_report_markdown_content(built):
 
 def test_every_png_opens_at_the_expected_size(built):
     root, _, path, _ = built
-    w, h = (int(x * report.FIG_DPI) for x in report.FIG_SIZE_IN)
-    for name in report.PLOT_FILES:
+    # Panels: baseline_vs_hrm, iterations, and the trials of no experiment (b2, p3).
+    assert report.panel_figure_px(3) == (1500, 360)
+    assert report.panel_figure_px(5) == (1500, 720)
+    expected = {"tau_vs_epoch.png": (1500, 360), "tau_vs_iteration.png": (1500, 360),
+                "entropy_vs_iteration.png": (1500, 360), "alpha_heatmap.png": (800, 500)}
+    assert set(expected) == set(report.PLOT_FILES)
+    for name, size in expected.items():
         with Image.open(root / name) as im:
             im.verify()
         with Image.open(root / name) as im:
-            assert im.format == "PNG" and im.size == (w, h), name
+            assert im.format == "PNG" and im.size == size, name
         assert f"]({name})" in path.read_text()
 
 
@@ -262,26 +267,31 @@ def test_cli(built, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_smoke_grid_report_matches_results_csv(tmp_path):
-    """A real `launch grid --smoke` run: the report's means equal results.csv's."""
+    """A real `launch grid --smoke` run: the report's numbers equal its results.csv."""
     pytest.importorskip("ray")
-    launch = pytest.importorskip("poh_tune.launch")
-    del launch
-    exp = tmp_path / "smoke"
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    pytest.importorskip("poh_tune.launch")
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray on loopback only
     proc = subprocess.run([sys.executable, "-m", "poh_tune.launch", "grid", "--smoke",
-                           "--out", str(exp)], capture_output=True, text=True, env=env,
-                          timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"launch grid --smoke failed:\n{proc.stderr[-3000:]}")
-    csvs = list(exp.glob("**/results.csv"))
-    assert csvs, "no results.csv"
-    exp_dir = csvs[0].parent
+                           "--storage", str(tmp_path), "--name", "smoke", "--num-cpus", "2"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp_dir = tmp_path / "smoke"
     assert (exp_dir / "report.md").is_file()
-    res = pd.read_csv(csvs[0], dtype={"trial_id": str}).set_index("trial_id")
+    res = pd.read_csv(exp_dir / "results.csv", dtype={"trial_id": str}).set_index("trial_id")
     summ = pd.read_csv(exp_dir / "summary.csv", dtype={"trial_id": str}).set_index("trial_id")
     assert set(summ.index) == set(res.index)
-    for tid in res.index:
-        for col, ours in (("test_tau", "test_tau_mean"), ("best_tau", "dev_tau_mean"),
-                          ("test_tau_all", "test_tau_all_mean")):
-            if col in res.columns:
-                assert summ.loc[tid, ours] == pytest.approx(res.loc[tid, col], abs=1e-9)
+    pairs = {"test_tau": "test_tau_mean", "best_tau": "dev_tau_mean",
+             "test_tau_all": "test_tau_all_mean", "test_perfect_sort": "test_perfect_sort_mean",
+             "test_tau_ci95": "test_tau_ci95", "final_herfindahl": "herfindahl",
+             "final_max_alpha": "max_alpha", "epochs_done": "epochs_done"}
+    for col, ours in pairs.items():
+        theirs = res[col].astype(float)
+        mine = summ.loc[res.index, ours].astype(float)
+        assert np.allclose(mine, theirs, atol=1e-9, equal_nan=True), col
+    status = {tid: ("errored" if r.status == "ERROR" else
+                    "stopped early" if r.stopped_early else "finished")
+              for tid, r in res.iterrows()}
+    assert summ["status"].to_dict() == status
+    for name in report.PLOT_FILES:
+        with Image.open(exp_dir / name) as im:
+            assert im.format == "PNG"
