@@ -1,0 +1,106 @@
+"""Search-space files: one schema, one loader, errors that name the file, key, value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from poh_tune.config import ConfigError
+from poh_tune.spaces import SPACES_DIR, canonical, grid_variants, load_space
+
+GRID = SPACES_DIR / "document_grid.yaml"
+OPTUNA = SPACES_DIR / "optuna_refine.yaml"
+
+
+def test_document_grid_deduplicates_the_shared_default():
+    space = load_space(GRID)
+    assert space.base.array_len == 20 and space.base.epochs == 100
+    assert space.base.seeds == (1, 2, 3, 4, 5) and space.base.batch_size == 32
+    variants, membership = grid_variants(space)
+    # 2 + 4 + 3 + 3 + 3 = 15 listed configurations; the default PoH-HRM appears in all five.
+    assert len(variants) == 11
+    assert len({canonical(v) for v in variants}) == 11
+    default = {"model": "pot", "max_inner_iters": 12, "hrm_period": 4, "entropy_reg": 0.001,
+               "temperature_init": 2.0}
+    assert set(membership[canonical(default)]) == {
+        "baseline_vs_hrm", "iterations", "hrm_period", "entropy_weight", "temperature_init"}
+    assert sum(len(m) for m in membership.values()) == 15
+
+
+def test_experiments_selectable_one_by_one():
+    space = load_space(GRID)
+    variants, _ = grid_variants(space, ["iterations"])
+    assert sorted(v["max_inner_iters"] for v in variants) == [6, 8, 12, 16]
+    with pytest.raises(ConfigError, match="iteration.*did you mean 'iterations'"):
+        grid_variants(space, ["iteration"])
+
+
+def test_smoke_keeps_the_structure():
+    full, _ = grid_variants(load_space(GRID))
+    space = load_space(GRID, smoke=True)
+    small, membership = grid_variants(space)
+    assert len(small) == len(full)
+    assert space.base.array_len == 8 and space.base.epochs == 3 and space.base.seeds == (1, 2)
+    iters = sorted(v["max_inner_iters"] for v in small if v["model"] == "pot"
+                   and v["hrm_period"] == space.base.hrm_period
+                   and v["entropy_reg"] == 0.001 and v["temperature_init"] == 2.0)
+    assert iters == [1, 2, 3, 4]
+    assert max(len(m) for m in membership.values()) == 5
+
+
+def test_optuna_space():
+    space = load_space(OPTUNA)
+    assert set(space.search) == {"entropy_reg", "temperature_min", "temperature_init",
+                                 "temperature_decay"}
+    assert space.search["entropy_reg"]["type"] == "loguniform"
+    assert space.scheduler == "asha" and space.metric == "tau" and space.metric_mode == "max"
+    assert load_space(OPTUNA, smoke=True).num_samples <= 8
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "space.yaml"
+    p.write_text(text)
+    return p
+
+
+GOOD_GRID = "base: {epochs: 2}\nexperiments:\n  a: {sweep: {max_inner_iters: [1, 2]}}\n"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("base: {epochs: 2}\nexperimnts: {}\n", "unknown key 'experimnts'.*did you mean 'experiments'"),
+    ("base: {epoch: 2}\nexperiments: {a: {}}\n", "base: unknown config key 'epoch'"),
+    ("experiments:\n  a: {sweep: {max_inner_iters: [1, two]}}\n",
+     "max_inner_iters='two': expected an integer"),
+    ("experiments:\n  a: {sweep: {hrm_period: [0]}}\n", "hrm_period=0: must be >= 1"),
+    ("experiments:\n  a: {sweep: {max_inner_iters: 3}}\n", "non-empty list"),
+    ("experiments:\n  a: {sweep: {max_inner_iters: [1], hrm_period: [1]}}\n", "sweeps one key"),
+    ("search:\n  entropy_reg: {type: loguniform, low: 0, high: 0.01}\n",
+     "entropy_reg.low=0: a log-uniform bound must be > 0"),
+    ("search:\n  entropy_reg: {type: normal, low: 0.1, high: 1}\n", "type='normal'"),
+    ("search:\n  entropy_reg: {type: uniform, low: 1, high: 0.1}\n", "low=1 must be < high=0.1"),
+    ("search:\n  temperature_min: {type: uniform, low: 0.5, high: 3.0}\n",
+     "temperature_min=3.0: must be <="),
+    ("search:\n  temprature_min: {type: uniform, low: 0.5, high: 1}\n",
+     "did you mean 'temperature_min'"),
+    ("scheduler: hyperband\n" + GOOD_GRID, "scheduler='hyperband': expected one of fifo, asha"),
+    ("asha: {grace_period: 0}\n" + GOOD_GRID, "asha.grace_period=0: must be >= 1"),
+    ("resources: {cpu: 0}\n" + GOOD_GRID, "resources.cpu=0: must be > 0"),
+    ("metric_mode: up\n" + GOOD_GRID, "metric_mode='up'"),
+    ("base: [1, 2]\n", "base: expected a mapping"),
+    ("base: {epochs: 2\n", "malformed YAML"),
+])
+def test_errors_name_file_key_and_value(tmp_path, text, needle):
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=needle) as e:
+        load_space(p)
+    assert str(p) in str(e.value)
+
+
+def test_missing_file_and_swept_override(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_space(tmp_path / "nope.yaml")
+    p = _write(tmp_path, GOOD_GRID)
+    with pytest.raises(ConfigError, match="max_inner_iters is swept"):
+        load_space(p, overrides={"max_inner_iters": 3})
+    assert load_space(p, overrides={"epochs": 5}).base.epochs == 5
