@@ -18,9 +18,10 @@ import yaml
 from poh_tune.config import ConfigError, TrialConfig, from_dict, parse_overrides
 from poh_tune.io import atomic_write_text
 from poh_tune.spaces import Space, canonical, grid_variants, load_space, resolve_space_path
-from poh_tune.trainable import METRICS_FILE, TRIAL_FILE
 
 EXPERIMENT_FILE = "poh_experiment.yaml"
+METRICS_FILE = "metrics.jsonl"  # = poh_tune.trainable.METRICS_FILE (not imported: no ray/torch
+TRIAL_FILE = "poh_trial.yaml"  # import before the arguments are validated)
 DEFAULT_SPACE = {"grid": "document_grid.yaml", "optuna": "optuna_refine.yaml"}
 # Columns of results.csv taken from a trial's last logged epoch ("final_") and its best epoch.
 FINAL_KEYS = ("tau", "tau_all", "tau_ci95", "accuracy", "perfect_sort", "train_loss",
