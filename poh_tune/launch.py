@@ -120,7 +120,8 @@ def resolve(args: argparse.Namespace) -> tuple[Space, Path, dict[str, Any]]:
         "max_concurrent": (args.max_concurrent if args.max_concurrent is not None
                            else space.max_concurrent),
         "scheduler": args.scheduler or space.scheduler,
-        "num_samples": getattr(args, "num_samples", None) or space.num_samples,
+        "num_samples": (space.num_samples if getattr(args, "num_samples", None) is None
+                        else args.num_samples),
         "seed": getattr(args, "seed", None) if getattr(args, "seed", None) is not None
         else space.seed,
     }
