@@ -73,6 +73,7 @@ class Trial:
     experiments: list[str]
     rows: list[dict[str, Any]]  # metrics.jsonl, one per epoch, ascending
     status: str = "incomplete"  # finished / stopped early / errored / incomplete
+    error: str = ""  # the last line of its error, from results.csv
 
     @property
     def is_pot(self) -> bool:
@@ -191,6 +192,8 @@ def load_experiment(exp_dir: str | Path) -> Experiment:
                 matched.add(i)
                 break
         t.status = trial_status(t.epochs_done, int(t.config.get("epochs", 0)), row)
+        err = row.get("error") if row is not None else None
+        t.error = err.strip() if isinstance(err, str) else ""
     orphans = [r for i, r in enumerate(csv_rows) if i not in matched]
     trials.sort(key=lambda t: (t.is_pot, t.trial_id))
     return Experiment(exp_dir, meta, trials, orphans)
@@ -409,7 +412,8 @@ def _p(v: float) -> str:
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in r) + " |"
+              for r in rows]
     return lines + [""]
 
 
@@ -723,10 +727,12 @@ def render_markdown(exp: Experiment, summary: pd.DataFrame, plots: dict[str, Pat
 
     L += ["## Trials", ""]
     rows = [[t.trial_id, labels[t.trial_id], t.status, f"{t.epochs_done}/{t.config.get('epochs')}",
-             ", ".join(t.experiments) or "-"] for t in exp.trials]
-    rows += [[str(o.get("trial_id")), "(no trial directory)", str(o.get("status", "?")).lower(),
-              "-", "-"] for o in exp.orphans]
-    L += _table(["trial", "configuration", "status", "epochs", "experiments"], rows)
+             ", ".join(t.experiments) or "-", t.error[:200] or "-"] for t in exp.trials]
+    rows += [[str(o.get("trial_id")), "(no trial directory)",
+              trial_status(0, 1, o), "-", "-",
+              (o.get("error") if isinstance(o.get("error"), str) else "")[:200] or "-"]
+             for o in exp.orphans]
+    L += _table(["trial", "configuration", "status", "epochs", "experiments", "error"], rows)
 
     L += ["## Per configuration", ""]
     rows = []
@@ -734,9 +740,11 @@ def render_markdown(exp: Experiment, summary: pd.DataFrame, plots: dict[str, Pat
         r = summary.loc[summary.trial_id == t.trial_id].iloc[0]
         rows.append([t.trial_id, labels[t.trial_id], t.status,
                      len(trial_stat(t, "test_tau").values),
-                     *(_fmt(trial_stat(t, s)) for s in STAT_KEYS), f"{r.oracle_tau_all:.3f}"])
-    L += _table(["trial", "configuration", "status", "seeds", *STAT_KEYS.values(),
-                 "all-pairs τ ceiling (Bayes-optimal)"], rows)
+                     *(_fmt(trial_stat(t, s)) for s in ("test_tau", "dev_tau", "test_tau_all")),
+                     f"{r.oracle_tau_all:.3f}", _fmt(trial_stat(t, "test_perfect_sort"))])
+    L += _table(["trial", "configuration", "status", "seeds", STAT_KEYS["test_tau"],
+                 STAT_KEYS["dev_tau"], STAT_KEYS["test_tau_all"],
+                 "all-pairs τ ceiling (Bayes-optimal)", STAT_KEYS["test_perfect_sort"]], rows)
     L += ["The ceiling is the expected all-pairs τ of the Bayes-optimal ordering: visible values "
           "sorted exactly, the hidden ones placed together at the median of the values still "
           "possible. Mask-aware τ has the ceiling 1.", ""]
@@ -759,8 +767,10 @@ def render_markdown(exp: Experiment, summary: pd.DataFrame, plots: dict[str, Pat
             ab_rows.append([labels[t.trial_id], labels[bid], STAT_KEYS[stat], _fmt(ab.pot_stat),
                             _fmt(ab.base_stat), _num(ab.delta), _num(ab.rel, pct=True), _p(ab.p)])
             met = band_status(ab.base_stat.mean, ab.pot_stat.mean, ab.rel)
+            known = not math.isnan(ab.delta)
             band_rows.append([labels[t.trial_id], STAT_KEYS[stat],
-                              *("met" if met[b] else "not met" for b in BANDS)])
+                              *(("met" if met[b] else "not met") if known else "n/a"
+                                for b in BANDS)])
     if pots:
         L += _table(["PoH configuration", "baseline", "metric", "PoH", "baseline", "Δ", "relative Δ",
                      "Welch p"], ab_rows)

@@ -91,6 +91,8 @@ def _build(root: Path, with_csv: bool = True) -> dict[str, dict]:
     t["b2"] = _write_trial(root, "b2", _config(model="baseline", array_len=10, mask_rate=0.3),
                            [], fin(0.5), 4, rng)
     t["p3"] = _write_trial(root, "p3", _config(array_len=10, mask_rate=0.3), [], fin(0.7), 1, rng)
+    # Errored before its first epoch: listed, no statistics.
+    t["p4"] = _write_trial(root, "p4", _config(d_ctrl=8), [], fin(0.0), 0, rng)
     if with_csv:
         rows = [
             {"trial_id": "b1", "status": "TERMINATED", "stopped_early": False},
@@ -98,12 +100,16 @@ def _build(root: Path, with_csv: bool = True) -> dict[str, dict]:
             {"trial_id": "p2", "status": "TERMINATED", "stopped_early": True},
             {"trial_id": "b2", "status": "TERMINATED", "stopped_early": False},
             {"trial_id": "p3", "status": "ERROR", "stopped_early": False},
+            {"trial_id": "p4", "status": "ERROR", "stopped_early": False,
+             "error": "RuntimeError: boom | at epoch 1"},
         ]
         for r in rows:
             tr = t[r["trial_id"]]
             r["trial_dir"] = str(tr["dir"])
             r["test_tau"] = float(np.mean(tr["final"]["test_tau"]))
-        pd.DataFrame(rows).to_csv(root / "results.csv", index=False)
+        orphan = {"trial_id": "lost", "status": "ERROR", "stopped_early": False,
+                  "trial_dir": str(root / "gone"), "error": "worker died"}
+        pd.DataFrame([*rows, orphan]).to_csv(root / "results.csv", index=False)
     return t
 
 
@@ -134,6 +140,9 @@ def test_means_and_ci_match_independent_computation(built):
     _, trials, _, summary = built
     for tid, tr in trials.items():
         r = summary.set_index("trial_id").loc[tid]
+        if tid == "p4":
+            assert r.isna()[["test_tau_mean", "dev_tau_mean", "test_tau_ci95"]].all()
+            continue
         for stat in ("test_tau", "test_tau_all", "test_perfect_sort"):
             vals = tr["final"][stat]
             assert r[f"{stat}_mean"] == pytest.approx(np.mean(vals), abs=1e-12)
@@ -146,7 +155,8 @@ def test_means_and_ci_match_independent_computation(built):
 def test_ab_deltas_and_welch_p(built):
     _, trials, _, summary = built
     s = summary.set_index("trial_id")
-    pairs = {"p1": "b1", "p2": "b1", "p3": "b2"}  # p3 is on another task: its own baseline
+    pairs = {"p1": "b1", "p2": "b1", "p3": "b2"}
+    assert pd.isna(s.loc["p4", "delta_test_tau"])  # no metrics, no Δ  # p3 is on another task: its own baseline
     for pot, base in pairs.items():
         assert s.loc[pot, "baseline_trial_id"] == base
         for stat in ("test_tau", "test_tau_all"):
@@ -179,12 +189,12 @@ def test_statuses_from_results_csv_and_inferred(built, tmp_path):
     _, _, _, summary = built
     s = summary.set_index("trial_id")["status"].to_dict()
     assert s == {"b1": "finished", "p1": "finished", "p2": "stopped early", "b2": "finished",
-                 "p3": "errored"}
+                 "p3": "errored", "p4": "errored"}
     _build(tmp_path, with_csv=False)
     exp = report.load_experiment(tmp_path)
     inferred = {t.trial_id: t.status for t in exp.trials}
     assert inferred == {"b1": "finished", "p1": "finished", "p2": "incomplete", "b2": "finished",
-                        "p3": "incomplete"}
+                        "p3": "incomplete", "p4": "incomplete"}
 
 
 def test_report_markdown_content(built):
@@ -202,6 +212,8 @@ def test_report_markdown_content(built):
     assert "FLAGGED" in text  # p2's routing leaves the band
     assert f"{report.oracle_all_pairs_tau(20, 0.5):.3f}" in text
     assert "stopped early" in text and "errored" in text
+    assert "RuntimeError: boom \\| at epoch 1" in text  # the error, its pipe escaped
+    assert "| lost | (no trial directory) | errored |" in text
     assert "\N{WHITE HEAVY CHECK MARK}" not in text
     flagged = summary.set_index("trial_id")["routing_healthy"]
     assert not flagged["p2"] and flagged["p1"]
@@ -274,7 +286,7 @@ def test_smoke_grid_report_matches_results_csv(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "poh_tune.launch", "grid", "--smoke",
                            "--storage", str(tmp_path), "--name", "smoke", "--num-cpus", "2"],
                           capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     exp_dir = tmp_path / "smoke"
     assert (exp_dir / "report.md").is_file()
     res = pd.read_csv(exp_dir / "results.csv", dtype={"trial_id": str}).set_index("trial_id")
