@@ -74,23 +74,33 @@ class PohOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial = self._ot_trials[trial_id]
+        storage = self._ot_study._storage
+        if storage.get_trial(ot_trial._trial_id).state.is_finished():
+            # Told before a driver kill that the restored searcher snapshot predates.
+            self._completed_trials.add(trial_id)
+            return
         if result:  # the last result (or the one ASHA stopped on) reaches only this hook
             self.on_trial_result(trial_id, result)
         value = result.get(self.metric) if result else None
-        reached = int(result.get("epoch", 0)) if result else 0
+        steps = storage.get_trial(ot_trial._trial_id).intermediate_values
+        reached = max([int(result.get("epoch", 0)) if result else 0, *steps])
+        if steps and reached > int(result.get("epoch", 0) if result else 0):
+            value = steps[reached]  # the restored Tune result is older than the study
         if error:
             state, values = TrialState.FAIL, None
         elif value is None or reached < self._epochs:
             state, values = TrialState.PRUNED, None  # Optuna keeps the last intermediate value
-            self._ot_study._storage.set_trial_user_attr(ot_trial._trial_id, "stopped_at_epoch",
-                                                        reached)
+            storage.set_trial_user_attr(ot_trial._trial_id, "stopped_at_epoch", reached)
         else:
             state, values = TrialState.COMPLETE, float(value)
         try:
             self._ot_study.tell(ot_trial, values, state=state)
         except Exception as exc:  # e.g. a NaN value: record the trial as failed, never crash Tune
             logger.warning("Optuna tell failed for %s (%s); marking it FAIL", trial_id, exc)
-            self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
+            try:
+                self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
+            except Exception as exc2:
+                logger.warning("Optuna tell FAIL failed for %s too (%s)", trial_id, exc2)
         self._completed_trials.add(trial_id)
 
     def restore(self, checkpoint_path: str) -> None:
