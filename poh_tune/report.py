@@ -308,6 +308,8 @@ def _oracle_exact(array_len: int, mask_rate: float, value_low: int, value_high: 
     N = value_high - value_low
     k = n_visible(array_len, mask_rate)
     L = array_len
+    if L > N:
+        raise ValueError(f"array_len={L}: at most {N} distinct values exist")
     if k >= L:
         return 1.0
     # One visible value at grid index j (j values of the range below it); the other k-1 visible
