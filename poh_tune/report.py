@@ -227,7 +227,14 @@ def seed_values(trial: Trial, stat: str) -> list[float]:
 
 
 def trial_stat(trial: Trial, stat: str) -> Stat:
-    """Mean and 95 % CI over seeds; falls back to the logged mean (CI nan) without per-seed values."""
+    """Mean and 95 % CI over seeds; falls back to the logged mean (CI nan) without per-seed values.
+
+    Args:
+        trial: a loaded trial.
+        stat: a STAT_KEYS name.
+    Returns:
+        The Stat (mean nan when the trial logged nothing).
+    """
     vals = seed_values(trial, stat)
     if vals:
         m, h = mean_ci95(vals)
@@ -238,7 +245,14 @@ def trial_stat(trial: Trial, stat: str) -> Stat:
 
 
 def welch_p(a: list[float], b: list[float]) -> float:
-    """Two-sided p-value of Welch's t-test; nan with fewer than 2 values a side or no variance."""
+    """Two-sided p-value of Welch's t-test (unequal variances).
+
+    Args:
+        a: per-seed values of one configuration.
+        b: per-seed values of the other.
+    Returns:
+        The p-value; nan with fewer than 2 values a side or no variance at all.
+    """
     if len(a) < 2 or len(b) < 2 or (np.var(a) == 0 and np.var(b) == 0):
         return math.nan
     with warnings.catch_warnings():
@@ -247,7 +261,14 @@ def welch_p(a: list[float], b: list[float]) -> float:
 
 
 def match_baseline(trial: Trial, baselines: list[Trial]) -> Trial | None:
-    """The baseline of the same task (TASK_KEYS) sharing the most other settings, or None."""
+    """The baseline of the same task (TASK_KEYS) sharing the most other settings.
+
+    Args:
+        trial: a PoH trial.
+        baselines: the baseline trials of the experiment.
+    Returns:
+        The baseline with metrics (ties: lowest trial_id), or None.
+    """
     cands = [b for b in baselines if b.task() == trial.task() and b.rows]
     if not cands:
         return None
@@ -420,7 +441,14 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def routing_row(trial: Trial) -> dict[str, Any] | None:
-    """Routing health of a PoH trial at its last epoch, and how many epochs left the band."""
+    """Routing health of a PoH trial at its last epoch, and how many epochs left the band.
+
+    Args:
+        trial: a loaded trial.
+    Returns:
+        {"herfindahl", "max_alpha", "healthy", "unhealthy_epochs", "epochs"}, or None for a
+        baseline or a trial without routing diagnostics.
+    """
     rows = [r for r in trial.rows if isinstance(r.get("herfindahl"), (int, float))]
     if not trial.is_pot or not rows:
         return None
@@ -711,7 +739,15 @@ def _sweep_sections(exp: Experiment, labels: dict[str, str]) -> list[str]:
 
 
 def render_markdown(exp: Experiment, summary: pd.DataFrame, plots: dict[str, Path | None]) -> str:
-    """The text of report.md."""
+    """The text of report.md.
+
+    Args:
+        exp: the loaded experiment.
+        summary: its summary_frame.
+        plots: PNG name -> written path, None where there was nothing to plot.
+    Returns:
+        Markdown.
+    """
     keys = varying_keys(exp.trials)
     labels = {t.trial_id: trial_label(t, keys) for t in exp.trials}
     by_id = {t.trial_id: t for t in exp.trials}
