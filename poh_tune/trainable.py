@@ -65,6 +65,25 @@ def _write_hparams(writer: Any, cfg: TrialConfig) -> None:
         writer.file_writer.add_summary(summary)
 
 
+def trial_storage_dir() -> Path:
+    """The trial's folder in the experiment's storage, written directly.
+
+    `get_trial_dir()` is a staging copy in the Ray session's temp folder that Ray syncs up over
+    the stored one; after a driver restore the new session's staging folder starts empty, so an
+    append-only file kept there would be overwritten by its tail.
+    """
+    ctx = tune.get_context()
+    try:
+        import pyarrow.fs
+
+        storage = ctx.get_storage()
+        if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+            return Path(storage.trial_fs_path)
+    except Exception:  # a remote storage filesystem: fall back to Ray's synced folder
+        pass
+    return Path(ctx.get_trial_dir())
+
+
 def select_device() -> str:
     """cuda when Ray gave this trial a GPU and torch sees one, else cpu."""
     try:
@@ -99,7 +118,7 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
     torch.set_num_threads(threads)
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
-    trial_dir = Path(ctx.get_trial_dir())
+    trial_dir = trial_storage_dir()
     trial_dir.mkdir(parents=True, exist_ok=True)
     runner = TrialRunner(cfg, device=select_device())
 
