@@ -1,6 +1,6 @@
 """Time training epochs and a dev evaluation; report model FLOPs utilisation against this machine's own matmul peak.
 
-    python -m poh_tune.bench [--epochs N] [--warmup N] [key=value ...]
+    python -m poh_tune.bench [--epochs N] [--warmup N] [--seeds K] [key=value ...]
 
 MFU follows nanoGPT's accounting: analytic matmul FLOPs of the model (forward + 2x for backward)
 per second, divided by a peak that is measured here, in the same run, with the same threads.
@@ -17,7 +17,7 @@ import torch
 
 from poh_tune.config import ConfigError, load_config, parse_overrides
 from poh_tune.model import forward_flops
-from poh_tune.trainer import SeedTrainer
+from poh_tune.trainer import TrialRunner
 
 PEAK_N = 2048
 
@@ -34,45 +34,65 @@ def matmul_peak_gflops(n: int = PEAK_N, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def bench(cfg, epochs: int = 3, warmup: int = 1) -> dict:
-    trainer = SeedTrainer(cfg, cfg.seeds[0], "cpu")
-    peak = matmul_peak_gflops()
+def time_config(cfg, epochs: int, warmup: int) -> dict:
+    """Fastest of `epochs` timed training passes after `warmup`, and one dev evaluation."""
+    runner = TrialRunner(cfg, "cpu")
     for _ in range(warmup):
-        trainer.train_pass()
+        runner.train_pass()
     times = []
     for _ in range(epochs):
         t = time.perf_counter()
-        trainer.train_pass()
+        runner.train_pass()
         times.append(time.perf_counter() - t)
-    trainer.evaluate("dev", 1.0, diagnostics=cfg.diagnostics)  # warm-up of the eval path
+    runner.evaluate("dev", 1.0, diagnostics=cfg.diagnostics)  # warm-up of the eval path
     t = time.perf_counter()
-    trainer.evaluate("dev", 1.0, diagnostics=cfg.diagnostics)
+    runner.evaluate("dev", 1.0, diagnostics=cfg.diagnostics)
     eval_s = time.perf_counter() - t
+    gflop = len(cfg.seeds) * 3 * forward_flops(runner.model.cfg, cfg.train_samples,
+                                               cfg.loss == "pointer_ce") / 1e9
+    return {"train_epoch_s": min(times), "train_epoch_s_all": [round(x, 4) for x in times],
+            "eval_s": eval_s, "model_gflop_per_epoch": gflop}
+
+
+def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1) -> dict:
+    peak = matmul_peak_gflops()
+    one = time_config(cfg.replace(seeds=[cfg.seeds[0]]), epochs, warmup)
     peak = max(peak, matmul_peak_gflops())  # the better of two reads, before and after
-    train_s = min(times)
-    gflop = 3 * forward_flops(trainer.model.cfg, cfg.train_samples, cfg.loss == "pointer_ce") / 1e9
-    return {
-        "train_epoch_s": round(train_s, 4),
-        "train_epoch_s_all": [round(x, 4) for x in times],
-        "eval_s": round(eval_s, 4),
-        "eval_fraction": round(eval_s / train_s, 4),
-        "model_gflop_per_epoch": round(gflop, 2),
-        "achieved_gflops": round(gflop / train_s, 2),
+    res = {
+        "train_epoch_s": round(one["train_epoch_s"], 4),
+        "train_epoch_s_all": one["train_epoch_s_all"],
+        "eval_s": round(one["eval_s"], 4),
+        "eval_fraction": round(one["eval_s"] / one["train_epoch_s"], 4),
+        "model_gflop_per_epoch": round(one["model_gflop_per_epoch"], 2),
+        "achieved_gflops": round(one["model_gflop_per_epoch"] / one["train_epoch_s"], 2),
         "peak_gflops": round(peak, 2),
-        "mfu": round(gflop / train_s / peak, 4),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "config": {k: getattr(cfg, k) for k in (
-            "model", "controller", "loss", "deep_supervision", "grad_mode", "max_inner_iters",
-            "hrm_period", "array_len", "mask_rate", "train_samples", "dev_samples", "batch_size",
-            "d_model", "n_heads", "d_ff", "d_ctrl", "diagnostics", "controller_warmup_epochs")},
+        "mfu": round(one["model_gflop_per_epoch"] / one["train_epoch_s"] / peak, 4),
     }
+    if seeds > 1:
+        # The same configuration with k seeds as one batched ensemble, timed in the same run.
+        k = time_config(cfg.replace(seeds=list(range(1, seeds + 1))), epochs, warmup)
+        res.update({
+            "seeds": seeds,
+            f"train_epoch_s_{seeds}_seeds": round(k["train_epoch_s"], 4),
+            f"eval_s_{seeds}_seeds": round(k["eval_s"], 4),
+            f"cost_ratio_{seeds}_seeds_vs_1": round(k["train_epoch_s"] / one["train_epoch_s"], 3),
+            f"mfu_{seeds}_seeds": round(k["model_gflop_per_epoch"] / k["train_epoch_s"] / peak, 4),
+        })
+    res.update({"threads": torch.get_num_threads(), "torch": torch.__version__,
+                "config": {key: getattr(cfg, key) for key in (
+                    "model", "controller", "loss", "deep_supervision", "grad_mode",
+                    "max_inner_iters", "hrm_period", "array_len", "mask_rate", "train_samples",
+                    "dev_samples", "batch_size", "d_model", "n_heads", "d_ff", "d_ctrl",
+                    "diagnostics", "controller_warmup_epochs")}})
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m poh_tune.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=3, help="timed epochs (the fastest is reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed epochs first")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="also time k seeds trained together and compare with one seed")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
     try:
@@ -83,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    print(json.dumps(bench(cfg, args.epochs, args.warmup)))
+    print(json.dumps(bench(cfg, args.epochs, args.warmup, args.seeds)))
     return 0
 
 

@@ -1,4 +1,9 @@
-"""Pointer-over-Heads sorter: encoder, iterated PoH block with an HRM or MLP router, shared readouts."""
+"""Pointer-over-Heads sorter: encoder, iterated PoH block with an HRM or MLP router, shared readouts.
+
+Every module holds an ensemble of S independent members (one per seed) in a leading parameter
+dimension, so a trial's seeds train as one batched computation; S = 1 is the plain model. All
+activations carry the member dimension first: (S, B, L, d).
+"""
 
 from __future__ import annotations
 
@@ -29,46 +34,93 @@ class ModelConfig:
         return self.max_inner_iters if self.model == "pot" else 1
 
 
+class ELinear(nn.Module):
+    """S independent linear layers applied in one batched matmul; init as nn.Linear."""
+
+    def __init__(self, S: int, d_in: int, d_out: int, init_bound: float | None = None):
+        super().__init__()
+        bound = init_bound if init_bound is not None else 1 / math.sqrt(d_in)
+        self.weight = nn.Parameter(torch.empty(S, d_in, d_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(S, 1, d_out).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        S, *mid, d_in = x.shape
+        y = torch.baddbmm(self.bias, x.reshape(S, -1, d_in), self.weight)  # (S, N, d_out)
+        return y.view(S, *mid, -1)
+
+
+class ELayerNorm(nn.Module):
+    def __init__(self, S: int, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(S, d))
+        self.bias = nn.Parameter(torch.zeros(S, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+        return torch.addcmul(self.bias.view(shape), F.layer_norm(x, x.shape[-1:]),
+                             self.weight.view(shape))
+
+
 class RoutedAttention(nn.Module):
     """Multi-head self-attention, all heads in one batched call; head outputs optionally scaled by α."""
 
-    def __init__(self, d_model: int, n_heads: int):
+    def __init__(self, S: int, d_model: int, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out = nn.Linear(d_model, d_model)
+        self.qkv = ELinear(S, d_model, 3 * d_model)
+        self.out = ELinear(S, d_model, d_model)
 
     def forward(self, x: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
-        B, L, D = x.shape
+        S, B, L, D = x.shape
         H = self.n_heads
-        q, k, v = self.qkv(x).view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)  # each (B, H, L, hs)
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, L, H, hs)
+        qkv = self.qkv(x).view(S * B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv  # each (S*B, H, L, hs)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (S*B, L, H, hs)
         if alpha is not None:
-            o = o * alpha.unsqueeze(-1)  # (B, L, H, 1): head h's output weighted by its α
-        return self.out(o.reshape(B, L, D))
+            o = o * alpha.reshape(S * B, L, H, 1)  # head h's output weighted by its α
+        return self.out(o.reshape(S, B, L, D))
 
 
 class Block(nn.Module):
     """Post-LN transformer layer (as nn.TransformerEncoderLayer), with optional head routing."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int):
+    def __init__(self, S: int, d_model: int, n_heads: int, d_ff: int):
         super().__init__()
-        self.attn = RoutedAttention(d_model, n_heads)
-        self.ln1 = nn.LayerNorm(d_model)
-        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Linear(d_ff, d_model))
-        self.ln2 = nn.LayerNorm(d_model)
+        self.attn = RoutedAttention(S, d_model, n_heads)
+        self.ln1 = ELayerNorm(S, d_model)
+        self.ff1 = ELinear(S, d_model, d_ff)
+        self.ff2 = ELinear(S, d_ff, d_model)
+        self.ln2 = ELayerNorm(S, d_model)
 
     def forward(self, x: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
         x = self.ln1(x + self.attn(x, alpha))
-        return self.ln2(x + self.ff(x))
+        return self.ln2(x + self.ff2(F.relu(self.ff1(x))))
+
+
+class EGRUCell(nn.Module):
+    """S independent GRU cells (torch.nn.GRUCell's equations and init) on (S, N, ·) inputs."""
+
+    def __init__(self, S: int, d_in: int, d_hidden: int):
+        super().__init__()
+        bound = 1 / math.sqrt(d_hidden)
+        self.ih = ELinear(S, d_in, 3 * d_hidden, bound)
+        self.hh = ELinear(S, d_hidden, 3 * d_hidden, bound)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        i_r, i_z, i_n = self.ih(x).chunk(3, dim=-1)
+        h_r, h_z, h_n = self.hh(h).chunk(3, dim=-1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return torch.lerp(n, h, z)  # (1 - z) * n + z * h
 
 
 @dataclass
 class HRMCarry:
     """Recurrent controller state, per token (tokens flattened to B*L rows)."""
 
-    z_L: torch.Tensor  # (B*L, d_ctrl) fast state, updated every iteration
-    z_H: torch.Tensor  # (B*L, d_ctrl) slow state, updated on period iterations only
+    z_L: torch.Tensor  # (S, B*L, d_ctrl) fast state, updated every iteration
+    z_H: torch.Tensor  # (S, B*L, d_ctrl) slow state, updated on period iterations only
 
     def detach(self) -> HRMCarry:
         return HRMCarry(self.z_L.detach(), self.z_H.detach())
@@ -77,50 +129,52 @@ class HRMCarry:
 class HRMController(nn.Module):
     """Two-timescale router (after HRM): z_L every iteration, z_H every `period`; α from both."""
 
-    def __init__(self, d_model: int, d_ctrl: int, n_heads: int, period: int):
+    def __init__(self, S: int, d_model: int, d_ctrl: int, n_heads: int, period: int):
         super().__init__()
         self.period = period
-        self.inp = nn.Linear(d_model, d_ctrl)
-        self.cell_L = nn.GRUCell(2 * d_ctrl, d_ctrl)  # input: [token features, z_H]
-        self.cell_H = nn.GRUCell(d_ctrl, d_ctrl)  # input: z_L
-        self.router = nn.Linear(2 * d_ctrl, n_heads)  # reads z_L conditioned on z_H
-        self.z_L0 = nn.Parameter(torch.zeros(d_ctrl))
-        self.z_H0 = nn.Parameter(torch.zeros(d_ctrl))
+        self.inp = ELinear(S, d_model, d_ctrl)
+        self.cell_L = EGRUCell(S, 2 * d_ctrl, d_ctrl)  # input: [token features, z_H]
+        self.cell_H = EGRUCell(S, d_ctrl, d_ctrl)  # input: z_L
+        self.router = ELinear(S, 2 * d_ctrl, n_heads)  # reads z_L conditioned on z_H
+        self.z_L0 = nn.Parameter(torch.zeros(S, 1, d_ctrl))
+        self.z_H0 = nn.Parameter(torch.zeros(S, 1, d_ctrl))
 
     def init_carry(self, n_tokens: int) -> HRMCarry:
-        return HRMCarry(self.z_L0.expand(n_tokens, -1), self.z_H0.expand(n_tokens, -1))
+        S, _, c = self.z_L0.shape
+        return HRMCarry(self.z_L0.expand(S, n_tokens, c), self.z_H0.expand(S, n_tokens, c))
 
     def step(self, carry: HRMCarry, x: torch.Tensor, t_B: torch.Tensor
              ) -> tuple[torch.Tensor, HRMCarry]:
-        """One iteration. x: (B, L, d_model); t_B: (B,) long, each sample's iteration index.
+        """One iteration. x: (S, B, L, d_model); t_B: (B,) long, each sample's iteration index.
 
-        Returns router logits (B, L, H) and the new carry. The slow-state update is masked per
+        Returns router logits (S, B, L, H) and the new carry. The slow-state update is masked per
         sample (t % period == 0), never decided for the whole batch at once.
         """
-        B, L, _ = x.shape
-        u = self.inp(x).reshape(B * L, -1)  # (B*L, d_ctrl)
+        S, B, L, _ = x.shape
+        u = self.inp(x).reshape(S, B * L, -1)  # (S, B*L, d_ctrl)
         z_L = self.cell_L(torch.cat([u, carry.z_H], dim=-1), carry.z_L)
         z_H = carry.z_H
         upd_B = t_B % self.period == 0  # (B,)
         if bool(upd_B.any()):
-            upd = upd_B.repeat_interleave(L).unsqueeze(-1)  # (B*L, 1)
+            upd = upd_B.repeat_interleave(L).view(1, B * L, 1)
             z_H = torch.where(upd, self.cell_H(z_L, z_H), z_H)
-        logits = self.router(torch.cat([z_L, z_H], dim=-1)).view(B, L, -1)
+        logits = self.router(torch.cat([z_L, z_H], dim=-1)).view(S, B, L, -1)
         return logits, HRMCarry(z_L, z_H)
 
 
 class MLPController(nn.Module):
     """The document's stateless router: α from the current token state alone."""
 
-    def __init__(self, d_model: int, d_ctrl: int, n_heads: int):
+    def __init__(self, S: int, d_model: int, d_ctrl: int, n_heads: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(d_model, d_ctrl), nn.GELU(), nn.Linear(d_ctrl, n_heads))
+        self.hidden = ELinear(S, d_model, d_ctrl)
+        self.head = ELinear(S, d_ctrl, n_heads)
 
     def init_carry(self, n_tokens: int) -> None:
         return None
 
     def step(self, carry, x: torch.Tensor, t_B: torch.Tensor):
-        return self.net(x), None
+        return self.head(F.gelu(self.hidden(x))), None
 
 
 class PointerDecoder(nn.Module):
@@ -130,66 +184,81 @@ class PointerDecoder(nn.Module):
     teacher forcing computes every rank at once; greedy decoding at eval loops over ranks.
     """
 
-    def __init__(self, d_model: int, max_len: int):
+    def __init__(self, S: int, d_model: int, max_len: int):
         super().__init__()
-        self.rank_emb = nn.Embedding(max_len, d_model)
-        self.q = nn.Linear(d_model, d_model)
-        self.k = nn.Linear(d_model, d_model)
+        self.rank_emb = nn.Parameter(torch.randn(S, max_len, d_model))
+        self.q = ELinear(S, d_model, d_model)
+        self.k = ELinear(S, d_model, d_model)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h: (N, L, d) -> (N, R=L, P=L) rank-by-position logits, no coverage applied."""
-        N, L, D = h.shape
-        q = self.q(self.rank_emb.weight[:L].unsqueeze(0) + h.mean(1, keepdim=True))  # (N, R, d)
-        return q @ self.k(h).transpose(1, 2) / math.sqrt(D)  # (N, R, P)
+        """h: (S, N, L, d) -> (S, N, R=L, P=L) rank-by-position logits, no coverage applied."""
+        S, N, L, D = h.shape
+        q = self.q(self.rank_emb[:, None, :L] + h.mean(2, keepdim=True))  # (S, N, R, d)
+        return q @ self.k(h).transpose(-1, -2) / math.sqrt(D)  # (S, N, R, P)
 
     def teacher_forced(self, h: torch.Tensor, target_ranks: torch.Tensor) -> torch.Tensor:
-        """(N, R, P) logits with every position already used by a lower target rank masked out."""
-        L = h.shape[1]
-        r = torch.arange(L, device=h.device).view(1, L, 1)
-        covered = target_ranks.unsqueeze(1) < r  # (N, R, P)
+        """(S, N, R, P) logits with every position used by a lower target rank masked out."""
+        L = h.shape[2]
+        r = torch.arange(L, device=h.device).view(L, 1)
+        covered = target_ranks.unsqueeze(-2) < r  # (S, N, R, P)
         return self.logits(h).masked_fill(covered, float("-inf"))
 
     @torch.no_grad()
     def greedy_ranks(self, h: torch.Tensor) -> torch.Tensor:
-        """(N, L, d) -> (N, L) predicted rank of every position, picking the best free one per rank."""
-        logits = self.logits(h)
-        N, L, _ = logits.shape
-        chosen = torch.zeros(N, L, dtype=torch.bool, device=h.device)
-        ranks = torch.empty(N, L, dtype=torch.long, device=h.device)
-        rows = torch.arange(N, device=h.device)
+        """(S, N, L, d) -> (S, N, L) predicted rank of every position, best free position per rank."""
+        S, N, L, _ = h.shape
+        logits = self.logits(h).reshape(S * N, L, L)
+        chosen = torch.zeros(S * N, L, dtype=torch.bool, device=h.device)
+        ranks = torch.empty(S * N, L, dtype=torch.long, device=h.device)
+        rows = torch.arange(S * N, device=h.device)
         for r in range(L):
-            p = logits[:, r].masked_fill(chosen, float("-inf")).argmax(-1)  # (N,)
+            p = logits[:, r].masked_fill(chosen, float("-inf")).argmax(-1)  # (S*N,)
             chosen[rows, p] = True
             ranks[rows, p] = r
-        return ranks
+        return ranks.view(S, N, L)
 
 
 @dataclass
 class ForwardOut:
-    scores: torch.Tensor  # (T, B, L) per-iteration scores (ascending score = ascending value)
-    hidden: torch.Tensor | None  # (T, B, L, d) per-iteration states, when requested
-    alphas: torch.Tensor | None  # (T, B, L, H) routing weights; None for the baseline
-    z_H: torch.Tensor | None  # (T, B, L, d_ctrl) slow state after each iteration, when requested
+    scores: torch.Tensor  # (T, S, B, L) per-iteration scores (ascending score = ascending value)
+    hidden: torch.Tensor | None  # (T, S, B, L, d) per-iteration states, when requested
+    alphas: torch.Tensor | None  # (T, S, B, L, H) routing weights; None for the baseline
+    z_H: torch.Tensor | None  # (T, S, B*L, d_ctrl) slow state after each iteration, on request
 
 
 class PoHSorter(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """S ensemble members of the PoH sorter (or of the baseline)."""
+
+    def __init__(self, cfg: ModelConfig, n_members: int = 1):
         super().__init__()
         self.cfg = cfg
-        d = cfg.d_model
-        self.value_proj = nn.Linear(1, d)
-        self.obs_emb = nn.Embedding(2, d)  # observed / hidden flag (no sentinel value)
-        self.pos_emb = nn.Embedding(cfg.array_len, d)
-        self.encoder = Block(d, cfg.n_heads, cfg.d_ff)
+        S, d = n_members, cfg.d_model
+        self.n_members = S
+        self.value_proj = ELinear(S, 1, d)
+        self.obs_emb = nn.Parameter(torch.randn(S, 2, d))  # observed / hidden flag, no sentinel
+        self.pos_emb = nn.Parameter(torch.randn(S, cfg.array_len, d))
+        self.encoder = Block(S, d, cfg.n_heads, cfg.d_ff)
         self.controller: nn.Module | None = None
         if cfg.model == "pot":
-            self.block = Block(d, cfg.n_heads, cfg.d_ff)  # one block, iterated
+            self.block = Block(S, d, cfg.n_heads, cfg.d_ff)  # one block, iterated
             if cfg.controller == "hrm":
-                self.controller = HRMController(d, cfg.d_ctrl, cfg.n_heads, cfg.hrm_period)
+                self.controller = HRMController(S, d, cfg.d_ctrl, cfg.n_heads, cfg.hrm_period)
             else:
-                self.controller = MLPController(d, cfg.d_ctrl, cfg.n_heads)
-        self.score_head = nn.Linear(d, 1)
-        self.pointer = PointerDecoder(d, cfg.array_len)
+                self.controller = MLPController(S, d, cfg.d_ctrl, cfg.n_heads)
+        self.score_head = ELinear(S, d, 1)
+        self.pointer = PointerDecoder(S, d, cfg.array_len)
+
+    @classmethod
+    def from_seeds(cls, cfg: ModelConfig, seeds: list[int] | tuple[int, ...]) -> PoHSorter:
+        """One member per seed, each initialised exactly as a one-member model under that seed."""
+        ens = cls(cfg, len(seeds))
+        with torch.no_grad():
+            for s, seed in enumerate(seeds):
+                torch.manual_seed(seed)
+                single = cls(cfg, 1)
+                for p_ens, p_one in zip(ens.parameters(), single.parameters(), strict=True):
+                    p_ens[s].copy_(p_one[0])
+        return ens
 
     def controller_parameters(self) -> list[nn.Parameter]:
         return list(self.controller.parameters()) if self.controller is not None else []
@@ -200,19 +269,21 @@ class PoHSorter(nn.Module):
         return [p for p in self.parameters() if id(p) not in ctrl]
 
     def encode(self, x: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
-        """x: (B, L) scaled values (0 where hidden); obs: (B, L) bool -> (B, L, d)."""
-        pos = self.pos_emb.weight[: x.shape[1]]  # (L, d)
-        h = self.value_proj(x.unsqueeze(-1)) + self.obs_emb(obs.long()) + pos
+        """x: (S, B, L) scaled values (0 where hidden); obs: (S, B, L) bool -> (S, B, L, d)."""
+        S, B, L = x.shape
+        flag = torch.where(obs.unsqueeze(-1), self.obs_emb[:, None, None, 1],
+                           self.obs_emb[:, None, None, 0])  # (S, B, L, d)
+        h = self.value_proj(x.unsqueeze(-1)) + flag + self.pos_emb[:, None, :L]
         return self.encoder(h)
 
     def forward(self, x: torch.Tensor, obs: torch.Tensor, temperature: float = 1.0,
                 keep_hidden: bool = False, keep_z_H: bool = False) -> ForwardOut:
-        z = self.encode(x, obs)  # (B, L, d)
+        z = self.encode(x, obs)  # (S, B, L, d)
         if self.cfg.model == "baseline":
-            scores = self.score_head(z).squeeze(-1).unsqueeze(0)  # (1, B, L)
+            scores = self.score_head(z).squeeze(-1).unsqueeze(0)  # (1, S, B, L)
             return ForwardOut(scores, z.unsqueeze(0) if keep_hidden else None, None, None)
 
-        B, L, _ = z.shape
+        S, B, L, _ = z.shape
         carry = self.controller.init_carry(B * L)
         scores, hidden, alphas, z_Hs = [], [], [], []
         for t in range(self.cfg.max_inner_iters):
@@ -222,14 +293,14 @@ class PoHSorter(nn.Module):
                 carry = carry.detach() if carry is not None else None
             t_B = torch.full((B,), t, dtype=torch.long, device=z.device)
             logits, carry = self.controller.step(carry, z, t_B)
-            alpha = torch.softmax(logits / temperature, dim=-1)  # (B, L, H)
+            alpha = torch.softmax(logits / temperature, dim=-1)  # (S, B, L, H)
             z = self.block(z, alpha)
             scores.append(self.score_head(z).squeeze(-1))
             alphas.append(alpha)
             if keep_hidden:
                 hidden.append(z)
             if keep_z_H and carry is not None:
-                z_Hs.append(carry.z_H.view(B, L, -1))
+                z_Hs.append(carry.z_H)
         return ForwardOut(
             torch.stack(scores),
             torch.stack(hidden) if keep_hidden else None,
@@ -239,7 +310,7 @@ class PoHSorter(nn.Module):
 
 
 def forward_flops(cfg: ModelConfig, batch: int, pointer: bool) -> float:
-    """Matmul FLOPs of one forward pass over `batch` samples (2 per multiply-add).
+    """Matmul FLOPs of one member's forward pass over `batch` samples (2 per multiply-add).
 
     Counts every linear layer, attention scores and values, the recurrent cells and the readouts;
     elementwise work (norms, softmax, losses) is left out, as in the usual MFU accounting.

@@ -2,47 +2,83 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from poh_tune.model import HRMCarry, HRMController, ModelConfig, PoHSorter, RoutedAttention
+from poh_tune.model import (
+    EGRUCell,
+    HRMCarry,
+    HRMController,
+    ModelConfig,
+    PoHSorter,
+    RoutedAttention,
+)
+
+
+def tiny_model_cfg(**kw) -> ModelConfig:
+    return ModelConfig(**{**dict(array_len=8, d_model=32, n_heads=4, d_ff=64, d_ctrl=16,
+                                 max_inner_iters=6, hrm_period=3), **kw})
 
 
 def small_model(**kw) -> PoHSorter:
-    torch.manual_seed(0)
-    cfg = ModelConfig(**{**dict(array_len=8, d_model=32, n_heads=4, d_ff=64, d_ctrl=16,
-                                max_inner_iters=6, hrm_period=3), **kw})
-    return PoHSorter(cfg)
+    return PoHSorter.from_seeds(tiny_model_cfg(**kw), [0])
 
 
-def inputs(B=5, L=8):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(B, L, generator=g), torch.rand(B, L, generator=g) < 0.5
+def inputs(B=5, L=8, S=1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(S, B, L, generator=g), torch.rand(S, B, L, generator=g) < 0.5
 
 
 def test_routed_attention_equals_a_per_head_loop():
     torch.manual_seed(0)
-    att = RoutedAttention(16, 4)
-    x = torch.randn(3, 6, 16)
-    alpha = torch.softmax(torch.randn(3, 6, 4), -1)
-    W, b = att.qkv.weight, att.qkv.bias
-    q, k, v = (x @ W.T + b).split(16, dim=-1)
+    att = RoutedAttention(1, 16, 4)
+    x = torch.randn(1, 3, 6, 16)
+    alpha = torch.softmax(torch.randn(1, 3, 6, 4), -1)
+    W, b = att.qkv.weight[0], att.qkv.bias[0]
+    q, k, v = (x[0] @ W + b).split(16, dim=-1)
     heads = []
     for h in range(4):  # the reference: one head at a time
         sl = slice(4 * h, 4 * h + 4)
         a = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(4), -1)
-        heads.append((a @ v[..., sl]) * alpha[..., h: h + 1])
-    ref = F.linear(torch.cat(heads, -1), att.out.weight, att.out.bias)
-    assert torch.allclose(att(x, alpha), ref, atol=1e-5)
+        heads.append((a @ v[..., sl]) * alpha[0, ..., h: h + 1])
+    ref = torch.cat(heads, -1) @ att.out.weight[0] + att.out.bias[0]
+    assert torch.allclose(att(x, alpha)[0], ref, atol=1e-5)
+
+
+def test_ensemble_gru_cell_equals_torch_gru_cell():
+    torch.manual_seed(0)
+    cell = EGRUCell(2, 6, 5)
+    x, h = torch.randn(2, 7, 6), torch.randn(2, 7, 5)
+    out = cell(x, h)
+    for s in range(2):
+        ref = torch.nn.GRUCell(6, 5)
+        with torch.no_grad():
+            ref.weight_ih.copy_(cell.ih.weight[s].T)
+            ref.bias_ih.copy_(cell.ih.bias[s, 0])
+            ref.weight_hh.copy_(cell.hh.weight[s].T)
+            ref.bias_hh.copy_(cell.hh.bias[s, 0])
+        assert torch.allclose(out[s], ref(x[s], h[s]), atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(controller="mlp"), dict(model="baseline")])
+def test_ensemble_member_equals_the_model_of_its_seed_alone(kw):
+    cfg = tiny_model_cfg(**kw)
+    ens = PoHSorter.from_seeds(cfg, [3, 4, 5])
+    alone = PoHSorter.from_seeds(cfg, [4])
+    x, obs = inputs(S=3)
+    out_ens = ens(x, obs, 1.3).scores[:, 1]
+    out_alone = alone(x[1:2], obs[1:2], 1.3).scores[:, 0]
+    assert torch.allclose(out_ens, out_alone, atol=1e-5)
+    other = PoHSorter.from_seeds(cfg, [6])(x[1:2], obs[1:2], 1.3).scores[:, 0]
+    assert not torch.allclose(out_ens, other, atol=1e-3)  # a different seed: different model
 
 
 def test_alpha_is_a_distribution_and_shapes():
     m = small_model()
     x, obs = inputs()
     out = m(x, obs, temperature=1.5, keep_hidden=True)
-    assert out.scores.shape == (6, 5, 8)
-    assert out.hidden.shape == (6, 5, 8, 32)
-    assert out.alphas.shape == (6, 5, 8, 4)
-    assert torch.allclose(out.alphas.sum(-1), torch.ones(6, 5, 8), atol=1e-6)
+    assert out.scores.shape == (6, 1, 5, 8)
+    assert out.hidden.shape == (6, 1, 5, 8, 32)
+    assert out.alphas.shape == (6, 1, 5, 8, 4)
+    assert torch.allclose(out.alphas.sum(-1), torch.ones(6, 1, 5, 8), atol=1e-6)
     assert (out.alphas > 0).all()
 
 
@@ -60,10 +96,10 @@ def test_z_H_changes_only_on_period_iterations_in_forward():
     with torch.no_grad():
         m.controller.z_H0.normal_()
     x, obs = inputs()
-    z_H = m(x, obs, keep_z_H=True).z_H  # (T, B, L, c)
+    z_H = m(x, obs, keep_z_H=True).z_H  # (T, S, B*L, c)
     prev = m.controller.z_H0.expand_as(z_H[0])
     for t in range(7):
-        changed = (z_H[t] != prev).any(-1)  # (B, L)
+        changed = (z_H[t] != prev).any(-1)  # (S, B*L): per token of every sample
         assert changed.all().item() == (t % 3 == 0), t
         assert changed.any().item() == (t % 3 == 0), t
         prev = z_H[t]
@@ -71,11 +107,11 @@ def test_z_H_changes_only_on_period_iterations_in_forward():
 
 def test_z_H_update_is_decided_per_sample():
     torch.manual_seed(0)
-    ctrl = HRMController(d_model=16, d_ctrl=8, n_heads=4, period=4)
+    ctrl = HRMController(1, d_model=16, d_ctrl=8, n_heads=4, period=4)
     B, L = 6, 5
-    carry = HRMCarry(torch.randn(B * L, 8), torch.randn(B * L, 8))
+    carry = HRMCarry(torch.randn(1, B * L, 8), torch.randn(1, B * L, 8))
     t_B = torch.tensor([0, 1, 4, 6, 8, 3])  # samples at different iterations
-    _, new = ctrl.step(carry, torch.randn(B, L, 16), t_B)
+    _, new = ctrl.step(carry, torch.randn(1, B, L, 16), t_B)
     changed = (new.z_H != carry.z_H).any(-1).view(B, L)
     expect = (t_B % 4 == 0).unsqueeze(-1).expand(B, L)
     assert torch.equal(changed, expect)
@@ -88,7 +124,7 @@ def test_grad_mode_last_cuts_the_first_iterations(controller):
     for mode, reaches in (("full", True), ("last", False)):
         m = small_model(grad_mode=mode, controller=controller)
         seen = []  # (state, alpha) entering the block at every iteration
-        m.block.register_forward_pre_hook(lambda mod, args: seen.append(args))
+        m.block.register_forward_pre_hook(lambda mod, args, seen=seen: seen.append(args))
         out = m(x, obs)
         loss = out.scores[-1].pow(2).sum()  # supervise the last iteration only
         z0, a0 = seen[0]
@@ -98,7 +134,7 @@ def test_grad_mode_last_cuts_the_first_iterations(controller):
         assert zl.requires_grad == reaches  # "last" feeds it a detached state
         for t in g[:2]:  # the first iteration's input and routing
             assert (t is not None and t.abs().sum() > 0) == reaches, mode
-        enc = torch.autograd.grad(loss, m.encoder.ff[0].weight, allow_unused=True)[0]
+        enc = torch.autograd.grad(loss, m.encoder.ff1.weight, allow_unused=True)[0]
         assert (enc is not None and enc.abs().sum() > 0) == reaches
 
 
@@ -106,18 +142,24 @@ def test_baseline_is_one_pass_without_controller():
     m = small_model(model="baseline")
     x, obs = inputs()
     out = m(x, obs)
-    assert out.scores.shape == (1, 5, 8) and out.alphas is None
+    assert out.scores.shape == (1, 1, 5, 8) and out.alphas is None
     assert m.controller_parameters() == []
 
 
 def test_pointer_greedy_returns_permutations_and_teacher_forcing_is_finite():
     m = small_model()
-    h = torch.randn(7, 8, 32)
-    ranks = m.pointer.greedy_ranks(h)
+    h = torch.randn(1, 7, 8, 32)
+    ranks = m.pointer.greedy_ranks(h)[0]
     assert torch.equal(ranks.sort(-1).values, torch.arange(8).expand(7, 8))
-    target = torch.rand(7, 8).argsort(-1).argsort(-1)
-    logits = m.pointer.teacher_forced(h, target)
-    perm = target.argsort(-1)
+    target = torch.rand(1, 7, 8).argsort(-1).argsort(-1)
+    logits = m.pointer.teacher_forced(h, target)[0]
+    perm = target[0].argsort(-1)
     assert torch.isfinite(logits.gather(2, perm.unsqueeze(-1))).all()
     # rank r has exactly L - r positions still free
     assert torch.equal(torch.isfinite(logits).sum(-1), (8 - torch.arange(8)).expand(7, 8))
+
+
+def test_linear_init_matches_torch_default_bounds():
+    m = PoHSorter(tiny_model_cfg(), 1)
+    w = m.block.ff1.weight
+    assert w.abs().max() <= 1 / math.sqrt(32) and w.std() > 0.5 / math.sqrt(3 * 32)

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from poh_tune.config import TrialConfig
+from poh_tune.data import SortData
 from poh_tune.trainer import (
-    SeedTrainer,
     TrainingDiverged,
     TrialRunner,
     aggregate,
+    clip_per_member,
     entropy_weight_at,
     temperature_at,
 )
@@ -29,35 +30,35 @@ def test_schedules_follow_the_spec_formulas():
     assert ws[15] == pytest.approx(1.25e-4)
 
 
-def _ctrl_snapshot(t: SeedTrainer):
+def _ctrl_snapshot(t: TrialRunner):
     return [p.detach().clone() for p in t.ctrl_params]
 
 
 def test_controller_frozen_through_warmup_then_moves(tiny_cfg):
     cfg = tiny_cfg.replace(controller_warmup_epochs=2, epochs=3)
-    t = SeedTrainer(cfg, 1)
+    t = TrialRunner(cfg)
     before = _ctrl_snapshot(t)
     enc_before = [p.detach().clone() for p in t.enc_params]
     for e in range(2):
-        m = t.train_epoch()
+        m = t.run_epoch()
         assert m["controller_frozen"] is True
         assert all(torch.equal(a, b) for a, b in zip(before, _ctrl_snapshot(t), strict=True)), e
     assert any(not torch.equal(a, b.detach()) for a, b in zip(enc_before, t.enc_params, strict=True))
-    m = t.train_epoch()
+    m = t.run_epoch()
     assert m["controller_frozen"] is False
-    assert any(not torch.equal(a, b) for a, b in zip(before, _ctrl_snapshot(t), strict=True))
+    after = _ctrl_snapshot(t)
+    for s in range(len(cfg.seeds)):  # every seed's controller moves
+        assert any(not torch.equal(a[s], b[s]) for a, b in zip(before, after, strict=True))
 
 
 def _controller_grad(cfg, entropy_reg):
-    t = SeedTrainer(cfg.replace(entropy_reg=entropy_reg), 1)
+    t = TrialRunner(cfg.replace(entropy_reg=entropy_reg, seeds=[1]))
     d = t.data["train"]
     x, obs = d.inputs()
-    out = t.model(x[:16], obs[:16], 1.0)
-    from poh_tune.data import SortData
-
-    b = SortData(d.values[:16], d.obs_mask[:16], d.perm[:16], d.ranks[:16])
+    out = t.model(x[:, :16], obs[:, :16], 1.0)
+    b = SortData(d.values[:, :16], d.obs_mask[:, :16], d.perm[:, :16], d.ranks[:, :16])
     loss, _ = t._loss(out, b, entropy_reg)
-    loss.backward()
+    loss.sum().backward()
     return torch.cat([p.grad.flatten() for p in t.ctrl_params])
 
 
@@ -68,6 +69,38 @@ def test_entropy_term_changes_the_controller_gradient(tiny_cfg):
     assert not torch.allclose(g0, g1)
     # The entropy term is linear in its weight: the three gradients lie on one line.
     assert torch.allclose(g1 - g0, g0 - g2, atol=1e-6)
+
+
+def test_clip_per_member_equals_clip_grad_norm_of_each_member():
+    torch.manual_seed(0)
+    ps = [torch.randn(3, 4, 5, requires_grad=True), torch.randn(3, 1, 5, requires_grad=True)]
+    for p in ps:
+        p.grad = torch.randn_like(p) * torch.tensor([0.01, 1.0, 10.0]).view(3, 1, 1)
+    refs = []
+    for s in range(3):
+        single = [p.grad[s].clone().requires_grad_() for p in ps]
+        for q in single:
+            q.grad = q.detach().clone()
+        torch.nn.utils.clip_grad_norm_(single, 0.5)
+        refs.append([q.grad for q in single])
+    clip_per_member(ps, 0.5)
+    for s in range(3):
+        for p, r in zip(ps, refs[s], strict=True):
+            assert torch.allclose(p.grad[s], r, atol=1e-7)
+
+
+def test_seeds_trained_together_equal_each_seed_alone(tiny_cfg):
+    cfg = tiny_cfg.replace(seeds=[1, 2, 3], epochs=3)
+    together = TrialRunner(cfg)
+    alone = {s: TrialRunner(cfg.replace(seeds=[s])) for s in (1, 3)}
+    for _ in range(3):
+        per = together.run_epoch_per_seed()
+        for idx, s in ((0, 1), (2, 3)):
+            ref = alone[s].run_epoch_per_seed()[0]
+            for k in ("train_loss", "tau", "tau_all", "best_tau", "test_tau", "herfindahl"):
+                assert per[idx][k] == pytest.approx(ref[k], abs=2e-4), (s, k)
+    # and the members really differ from each other
+    assert per[0]["train_loss"] != per[1]["train_loss"]
 
 
 def test_same_seed_reproduces_metrics_exactly(tiny_cfg):
@@ -122,11 +155,11 @@ def test_every_variant_trains_and_reports_every_iteration(tiny_cfg, kw):
 
 
 def test_nan_loss_raises_with_seed_and_epoch(tiny_cfg):
-    t = SeedTrainer(tiny_cfg, 2)
+    t = TrialRunner(tiny_cfg.replace(seeds=[1, 2]))
     with torch.no_grad():
-        t.model.score_head.weight.fill_(float("nan"))
+        t.model.score_head.weight[1].fill_(float("nan"))  # only seed 2's member
     with pytest.raises(TrainingDiverged, match="seed 2, epoch 1"):
-        t.train_epoch()
+        t.run_epoch()
 
 
 def test_aggregate_means_per_seed_and_ci():
@@ -136,7 +169,7 @@ def test_aggregate_means_per_seed_and_ci():
     m = aggregate(per, [1, 2, 3])
     assert m["tau"] == pytest.approx(0.93)
     assert m["tau_seed_2"] == 0.94 and m["test_tau_seed_3"] == pytest.approx(0.94)
-    assert m["epoch_s"] == 3.0 and m["epoch"] == 3
+    assert m["epoch_s"] == 1.0 and m["epoch"] == 3
     lo, hi = stats.t.interval(0.95, 2, loc=0.93, scale=stats.sem([0.9, 0.94, 0.95]))
     assert m["tau_ci95"] == pytest.approx((hi - lo) / 2)
 
