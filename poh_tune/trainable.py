@@ -6,6 +6,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,7 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
         membership: canonical(config) -> grid experiments this configuration counts for.
         checkpoint_every: epochs between checkpoints (one is also written at the end).
     """
+    started_at = time.time()  # wall clock: placement checks compare trials' lifetimes per node
     cfg = from_dict({**base, **config})
     threads = cpu_share()
     torch.set_num_threads(threads)
@@ -157,7 +159,9 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
                 writer.flush()
                 logged = epoch
             report = {**m, "node_id": node_id, "gpu_ids": ",".join(gpu_ids),
-                      "torch_threads": threads}
+                      "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                      "device": str(runner.device), "torch_threads": threads,
+                      "started_at": started_at, "reported_at": time.time()}
             if epoch % checkpoint_every == 0 or runner.done:
                 with tempfile.TemporaryDirectory() as tmp:
                     runner.save(Path(tmp) / CKPT_FILE)
