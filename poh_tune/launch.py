@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,18 @@ def start_ray(address: str | None, num_cpus: int | None) -> None:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  log_to_driver=False)
         return
+    host, _, port = address.rpartition(":")
+    if address != "auto":
+        if not host or not port.isdigit():
+            raise UsageError(f"--address {address!r}: expected HOST:PORT of a Ray head")
+        try:  # fail in seconds with one clear line, not after Ray's minutes of retries
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as e:
+            raise UsageError(f"--address {address}: no Ray head answers there ({e})") from None
+        if host in ("127.0.0.1", "localhost"):
+            # A head on loopback: without this Ray rewrites 127.0.0.1 to this machine's
+            # network address and connects there.
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     try:
         ray.init(address=address, log_to_driver=False)
     except Exception as e:  # unreachable address, refused auth, ...
