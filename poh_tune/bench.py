@@ -87,14 +87,52 @@ def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1) -> dict:
     return res
 
 
+def estimate_grid(space_arg: str | None, experiments: list[str] | None) -> dict:
+    """Wall time of a grid space on this machine, from one measured epoch of every configuration.
+
+    Each distinct configuration is trained for one epoch on all its seeds (train + dev/test
+    evaluation, controller active); the estimate is epochs x that time, summed, since trials here
+    share the same cores and are compute-bound.
+    """
+    from poh_tune.spaces import grid_variants, load_space, resolve_space_path
+
+    space = load_space(resolve_space_path(space_arg, "document_grid.yaml"))
+    variants, membership = grid_variants(space, experiments)
+    rows, total = [], 0.0
+    for params in variants:
+        cfg = space.base.replace(**params, controller_warmup_epochs=0)
+        runner = TrialRunner(cfg, "cpu")
+        t = time.perf_counter()
+        runner.run_epoch_per_seed()
+        epoch_s = time.perf_counter() - t
+        total += epoch_s * cfg.epochs
+        rows.append({"params": params, "seeds": len(cfg.seeds), "epoch_s": round(epoch_s, 3),
+                     "trial_s": round(epoch_s * cfg.epochs, 1)})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return {"space": str(space.path), "configs": len(variants), "trials": rows,
+            "estimated_wall_s": round(total, 1), "estimated_wall_h": round(total / 3600, 2),
+            "threads": torch.get_num_threads()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m poh_tune.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=3, help="timed epochs (the fastest is reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed epochs first")
     ap.add_argument("--seeds", type=int, default=1,
                     help="also time k seeds trained together and compare with one seed")
+    ap.add_argument("--estimate-grid", nargs="?", const="document_grid.yaml", metavar="SPACE",
+                    help="estimate the wall time of a grid space here (default: the document's)")
+    ap.add_argument("--experiment", action="append", default=None,
+                    help="with --estimate-grid: only this experiment (repeatable)")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
+    if args.estimate_grid:
+        try:
+            print(json.dumps(estimate_grid(args.estimate_grid, args.experiment)))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         # Time the steady state: the controller trains from the first epoch unless asked otherwise.
         cfg = load_config(None, {"controller_warmup_epochs": 0} | parse_overrides(args.overrides))
