@@ -154,9 +154,11 @@ class HRMController(nn.Module):
         u = self.inp(x).reshape(S, B * L, -1)  # (S, B*L, d_ctrl)
         z_L = self.cell_L(torch.cat([u, carry.z_H], dim=-1), carry.z_L)
         z_H = carry.z_H
-        upd_B = t_B % self.period == 0  # (B,)
-        if bool(upd_B.any()):
-            upd = upd_B.repeat_interleave(L).view(1, B * L, 1)
+        upd_B = t_B.cpu() % self.period == 0  # (B,); decided on the host: no device sync
+        if bool(upd_B.all()):
+            z_H = self.cell_H(z_L, z_H)
+        elif bool(upd_B.any()):
+            upd = upd_B.to(x.device).repeat_interleave(L).view(1, B * L, 1)
             z_H = torch.where(upd, self.cell_H(z_L, z_H), z_H)
         logits = self.router(torch.cat([z_L, z_H], dim=-1)).view(S, B, L, -1)
         return logits, HRMCarry(z_L, z_H)
@@ -291,7 +293,7 @@ class PoHSorter(nn.Module):
                 # Truncated gradient: each iteration's loss reaches only that iteration.
                 z = z.detach()
                 carry = carry.detach() if carry is not None else None
-            t_B = torch.full((B,), t, dtype=torch.long, device=z.device)
+            t_B = torch.full((B,), t, dtype=torch.long)  # every sample at iteration t
             logits, carry = self.controller.step(carry, z, t_B)
             alpha = torch.softmax(logits / temperature, dim=-1)  # (S, B, L, H)
             z = self.block(z, alpha)
