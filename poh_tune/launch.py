@@ -23,6 +23,8 @@ from poh_tune.spaces import Space, canonical, grid_variants, load_space, resolve
 EXPERIMENT_FILE = "poh_experiment.yaml"
 METRICS_FILE = "metrics.jsonl"  # = poh_tune.trainable.METRICS_FILE (not imported: no ray/torch
 TRIAL_FILE = "poh_trial.yaml"  # import before the arguments are validated)
+# What ray.dashboard.optional_deps imports first (checked without importing ray).
+DASHBOARD_DEPS = ("aiohttp", "aiohttp_cors", "opencensus", "prometheus_client")
 DEFAULT_SPACE = {"grid": "document_grid.yaml", "optuna": "optuna_refine.yaml"}
 # Columns of results.csv taken from a trial's last logged epoch ("final_") and its best epoch.
 FINAL_KEYS = ("tau", "tau_all", "tau_ci95", "accuracy", "perfect_sort", "train_loss",
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--storage", default="poh_runs", help="results root (default ./poh_runs)")
         s.add_argument("--address", default=None, help="join this Ray cluster instead of an "
                                                         "embedded local one")
+        s.add_argument("--dashboard", action="store_true",
+                       help="start Ray's dashboard on 127.0.0.1 (embedded Ray; needs ray[default])")
         s.add_argument("--num-cpus", type=int, default=None,
                        help="CPUs of the embedded Ray (default: all)")
         s.add_argument("--cpus-per-trial", type=float, default=None)
@@ -143,7 +147,36 @@ def experiment_info(command: str, space: Space, launch: dict[str, Any]) -> dict[
 
 
 # --- Ray ------------------------------------------------------------------------------------------
-def start_ray(address: str | None, num_cpus: int | None) -> None:
+def check_address(address: str) -> None:
+    """Fail in seconds with one clear line (before Ray is imported), not after Ray's minutes of
+    retries, when nothing answers at --address HOST:PORT."""
+    host, _, port = address.rpartition(":")
+    if address == "auto":
+        return
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {address!r}: expected HOST:PORT of a Ray head")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise UsageError(f"--address {address}: no Ray head answers there ({e})") from None
+
+
+def check_dashboard(args: argparse.Namespace) -> None:
+    """--dashboard: embedded Ray only, and Ray's dashboard packages must be installed."""
+    if not getattr(args, "dashboard", False):
+        return
+    if args.address is not None:
+        raise UsageError("--dashboard starts the embedded Ray's dashboard; a cluster joined with "
+                         "--address keeps its own")
+    import importlib.util
+
+    missing = [m for m in DASHBOARD_DEPS if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"--dashboard needs Ray's dashboard packages (missing: "
+                         f"{', '.join(missing)}): pip install 'ray[default]'")
+
+
+def start_ray(address: str | None, num_cpus: int | None, dashboard: bool = False) -> None:
     # Both are read when Ray / Tune start: loopback only, and our own TensorBoard writer
     # (one event per epoch even after a restore) instead of Ray's.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
@@ -155,17 +188,13 @@ def start_ray(address: str | None, num_cpus: int | None) -> None:
 
     if address is None:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 log_to_driver=False)
+        # The dashboard only when asked for, and then on loopback (Ray's default binds it to
+        # all interfaces when the node is not single-node).
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
+                 include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
         return
-    host, _, port = address.rpartition(":")
+    host = address.rpartition(":")[0]
     if address != "auto":
-        if not host or not port.isdigit():
-            raise UsageError(f"--address {address!r}: expected HOST:PORT of a Ray head")
-        try:  # fail in seconds with one clear line, not after Ray's minutes of retries
-            socket.create_connection((host, int(port)), timeout=5).close()
-        except OSError as e:
-            raise UsageError(f"--address {address}: no Ray head answers there ({e})") from None
         if host in ("127.0.0.1", "localhost"):
             # A head on loopback: without this Ray rewrites 127.0.0.1 to this machine's
             # network address and connects there.
@@ -375,11 +404,14 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{exp_dir}: no such experiment directory")
         return run_report(exp_dir, args.out)
     space, exp_dir, launch = resolve(args)
+    check_dashboard(args)
+    if args.address is not None:
+        check_address(args.address)
     launch["max_failures"] = args.max_failures
     _, membership = grid_variants(space, launch["experiment_names"]) if args.command == "grid" \
         else ([], {})
     print(f"experiment dir: {exp_dir}\n  tensorboard --logdir {exp_dir}", flush=True)
-    start_ray(args.address, args.num_cpus)
+    start_ray(args.address, args.num_cpus, args.dashboard)
     from ray import tune
 
     trainable = make_trainable(space, launch, membership)

@@ -1,0 +1,162 @@
+"""Hardening (issue 6): bad input exits 2 before Ray starts, faults lose nothing, no open doors, load."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+# A tiny grid: every trial trains in a fraction of a second.
+TINY_BASE = dict(array_len=4, train_samples=16, dev_samples=8, test_samples=8, epochs=1,
+                 batch_size=16, max_inner_iters=1, hrm_period=1, d_model=8, n_heads=2, d_ff=8,
+                 d_ctrl=4, seeds=[1], controller_warmup_epochs=0)
+GRID = {"name": "t", "base": TINY_BASE,
+        "experiments": {"lr": {"description": "two learning rates",
+                               "sweep": {"lr_encoder": [0.001, 0.002]}}}}
+OPTUNA = {"name": "o", "base": TINY_BASE, "num_samples": 2,
+          "search": {"entropy_reg": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}}
+# Runs main() in a fresh interpreter and says whether Ray was even imported before it returned.
+WRAPPER = ("import sys\nfrom poh_tune.launch import main\ntry:\n    rc = main(sys.argv[1:])\n"
+           "finally:\n    print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY')\n"
+           "sys.exit(rc)\n")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _with(d: dict, path: str, value) -> dict:
+    """A deep copy of `d` with the dotted `path` set to `value`."""
+    out = json.loads(json.dumps(d))
+    *head, last = path.split(".")
+    node = out
+    for k in head:
+        node = node[k]
+    node[last] = value
+    return out
+
+
+def _dump(d: dict) -> str:
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+# (id, space file text or None, argv with {space} / {port} placeholders, what stderr must name)
+BAD_INPUTS = [
+    ("malformed_yaml", "name: t\nbase: {epochs: 3\n", ["grid", "{space}"],
+     ["{space}", "malformed YAML", "line"]),
+    ("not_a_mapping", "- just\n- a list\n", ["grid", "{space}"], ["{space}", "expected a mapping"]),
+    ("unknown_base_key", _dump(_with(GRID, "base.epoch", 3)), ["grid", "{space}"],
+     ["{space}", "unknown config key 'epoch'", "did you mean 'epochs'"]),
+    ("unknown_top_key", _dump({**GRID, "schedular": "fifo"}), ["grid", "{space}"],
+     ["{space}", "'schedular'", "did you mean 'scheduler'", "allowed:"]),
+    ("unknown_override_key", _dump(GRID), ["grid", "{space}", "lr_encodr=0.01"],
+     ["{space}", "'lr_encodr'", "did you mean 'lr_encoder'"]),
+    ("wrong_type_int", _dump(_with(GRID, "base.epochs", "three")), ["grid", "{space}"],
+     ["{space}", "epochs='three'", "expected an integer"]),
+    ("wrong_type_bool", _dump(GRID), ["grid", "{space}", "diagnostics=maybe"],
+     ["{space}", "diagnostics='maybe'", "expected true or false"]),
+    ("mask_rate_one", _dump(GRID), ["grid", "{space}", "mask_rate=1.0"],
+     ["{space}", "mask_rate=1.0", "in [0.0, 1.0)"]),
+    ("mask_rate_negative", _dump(_with(GRID, "base.mask_rate", -0.1)), ["grid", "{space}"],
+     ["{space}", "mask_rate=-0.1", "in [0.0, 1.0)"]),
+    ("array_len_1", _dump(GRID), ["grid", "{space}", "array_len=1"],
+     ["{space}", "array_len=1", "in [2, 512]"]),
+    ("hrm_period_0", _dump(GRID), ["grid", "{space}", "hrm_period=0"],
+     ["{space}", "hrm_period=0", ">= 1"]),
+    ("max_inner_iters_0", _dump(GRID), ["grid", "{space}", "max_inner_iters=0"],
+     ["{space}", "max_inner_iters=0", ">= 1"]),
+    ("n_heads_not_dividing", _dump(GRID), ["grid", "{space}", "n_heads=3"],
+     ["{space}", "n_heads=3", "must divide d_model=8"]),
+    ("epochs_0", _dump(GRID), ["grid", "{space}", "epochs=0"], ["{space}", "epochs=0", ">= 1"]),
+    ("seeds_empty", _dump(_with(GRID, "base.seeds", [])), ["grid", "{space}"],
+     ["{space}", "seeds=[]", "non-empty list of integers"]),
+    ("seeds_duplicate", _dump(GRID), ["grid", "{space}", "seeds=[1,2,1]"],
+     ["{space}", "seeds=[1, 2, 1]", "distinct"]),
+    ("loguniform_low_0", _dump(_with(OPTUNA, "search.entropy_reg.low", 0)),
+     ["optuna", "{space}"], ["{space}", "search.entropy_reg.low=0", "must be > 0"]),
+    ("loguniform_low_negative", _dump(_with(OPTUNA, "search.entropy_reg.low", -1e-3)),
+     ["optuna", "{space}"], ["{space}", "search.entropy_reg.low=-0.001", "must be > 0"]),
+    ("unknown_distribution", _dump(_with(OPTUNA, "search.entropy_reg.type", "gaussian")),
+     ["optuna", "{space}"], ["{space}", "'gaussian'", "uniform, loguniform, int, choice"]),
+    ("grid_value_wrong_type",
+     _dump(_with(GRID, "experiments.lr.sweep", {"max_inner_iters": [1, "two"]})),
+     ["grid", "{space}"], ["{space}", "experiments.lr.sweep.max_inner_iters",
+                           "max_inner_iters='two'", "expected an integer"]),
+    ("grid_value_out_of_range",
+     _dump(_with(GRID, "experiments.lr.sweep", {"mask_rate": [0.5, 1.5]})),
+     ["grid", "{space}"], ["{space}", "mask_rate=1.5", "in [0.0, 1.0)"]),
+    ("unknown_scheduler_in_file", _dump({**GRID, "scheduler": "hyperband"}), ["grid", "{space}"],
+     ["{space}", "scheduler='hyperband'", "fifo, asha"]),
+    ("unknown_loss", _dump(GRID), ["grid", "{space}", "loss=rank_net"],
+     ["{space}", "loss='rank_net'", "ranknet, listnet, soft_sort, combined, pointer_ce"]),
+    ("unknown_metric_mode", _dump({**GRID, "metric_mode": "maximize"}), ["grid", "{space}"],
+     ["{space}", "metric_mode='maximize'", "max or min"]),
+    ("temperature_min_above_init", _dump(GRID), ["grid", "{space}", "temperature_min=3.0"],
+     ["{space}", "temperature_min=3.0", "temperature_init=2.0"]),
+    ("swept_key_overridden", _dump(GRID), ["grid", "{space}", "lr_encoder=0.1"],
+     ["{space}", "lr_encoder is swept"]),
+    ("grid_without_experiments", _dump(OPTUNA), ["grid", "{space}"],
+     ["{space}", "needs an 'experiments' section"]),
+    ("unknown_experiment", _dump(GRID), ["grid", "{space}", "--experiment", "lrs"],
+     ["{space}", "'lrs'", "did you mean 'lr'"]),
+    ("missing_space_file", None, ["grid", "{tmp}/nowhere.yaml"],
+     ["{tmp}/nowhere.yaml", "file not found"]),
+    ("resume_nothing", None, ["grid", "--resume", "--name", "never_ran"],
+     ["nothing to resume", "never_ran"]),
+    ("resume_without_name", None, ["optuna", "--resume"], ["--resume needs --name"]),
+    ("num_samples_0", _dump(OPTUNA), ["optuna", "{space}", "--num-samples", "0"],
+     ["--num-samples=0", ">= 1"]),
+    ("cpus_per_trial_0", _dump(GRID), ["grid", "{space}", "--cpus-per-trial", "0"],
+     ["--cpus-per-trial=0", "> 0"]),
+    ("unreachable_address", _dump(GRID), ["grid", "{space}", "--address", "127.0.0.1:{port}"],
+     ["127.0.0.1:{port}", "no Ray head answers there"]),
+    ("address_not_host_port", _dump(GRID), ["grid", "{space}", "--address", "headnode"],
+     ["'headnode'", "expected HOST:PORT"]),
+    ("dashboard_with_address", _dump(GRID),
+     ["grid", "{space}", "--dashboard", "--address", "127.0.0.1:{port}"],
+     ["--dashboard", "--address keeps its own"]),
+]
+
+
+@pytest.mark.parametrize("case, space_text, argv, needles", BAD_INPUTS,
+                         ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_clear_line_and_writes_nothing(tmp_path, case, space_text,
+                                                                  argv, needles):
+    space = tmp_path / "space.yaml"
+    if space_text is not None:
+        space.write_text(space_text)
+    storage = tmp_path / "runs"
+    subs = {"{space}": str(space), "{tmp}": str(tmp_path), "{port}": str(_free_port())}
+
+    def fill(s: str) -> str:
+        for k, v in subs.items():
+            s = s.replace(k, v)
+        return s
+
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", WRAPPER, *map(fill, argv), "--storage",
+                        str(storage)], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path)
+    elapsed = time.time() - t0
+    err = p.stderr.strip()
+    assert p.returncode == 2, (p.stdout, err)
+    assert "Traceback" not in err + p.stdout
+    assert len(err.splitlines()) == 1, err  # one message, nothing else
+    assert err.startswith("error: ")
+    for n in needles:
+        assert fill(n) in err, (fill(n), err)
+    assert "NO_RAY" in p.stdout, "Ray was imported before the input was validated"
+    assert not storage.exists(), "something was written"
+    assert sorted(x.name for x in tmp_path.iterdir()) == (["space.yaml"] if space_text else [])
+    assert elapsed < 30
+
+
+def test_bad_input_table_is_large_enough():
+    assert len(BAD_INPUTS) >= 20
