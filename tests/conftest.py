@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Every Ray a test starts stays on 127.0.0.1. Ray reads this once, when ray is first imported
+# (ray_constants.ENABLE_RAY_CLUSTER), so it must be set before any test module imports ray.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 import pytest
 
 from poh_tune.config import TrialConfig

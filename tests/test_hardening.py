@@ -177,7 +177,7 @@ def test_dashboard_is_off_by_default_and_on_loopback_when_asked(monkeypatch):
 
     calls = []
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
-    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # start_ray's settings stay here
     launch.start_ray(None, 2)
     launch.start_ray(None, 2, dashboard=True)
     assert calls[0]["include_dashboard"] is False and calls[0]["address"] == "local"
