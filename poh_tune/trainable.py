@@ -17,7 +17,7 @@ from ray import tune
 from poh_tune.config import TrialConfig, from_dict
 from poh_tune.io import atomic_write_text
 from poh_tune.spaces import canonical
-from poh_tune.trainer import TrialRunner
+from poh_tune.trainer import TrainingDiverged, TrialRunner
 
 METRICS_FILE = "metrics.jsonl"
 TRIAL_FILE = "poh_trial.yaml"
@@ -25,6 +25,7 @@ CKPT_FILE = "trial.pt"
 TB_DIR = "tb"
 # Test-only fault injection (issue 6): the trial's process exits hard after this epoch, once.
 CRASH_ENV = "POH_TUNE_CRASH_AFTER_EPOCH"
+DIVERGED_FILE = ".diverged"  # the divergence message; retries re-raise it instead of retraining
 
 
 def last_logged_epoch(path: Path) -> int:
@@ -122,6 +123,9 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
     trial_id = ctx.get_trial_id()
     trial_dir = trial_storage_dir()
     trial_dir.mkdir(parents=True, exist_ok=True)
+    diverged = trial_dir / DIVERGED_FILE
+    if diverged.exists():  # a retry (FailureConfig) of a diverged trial: it would diverge again
+        raise TrainingDiverged(diverged.read_text().strip())
     runner = TrialRunner(cfg, device=select_device())
 
     ckpt = tune.get_checkpoint()
@@ -150,7 +154,11 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
     crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
     try:
         while not runner.done:
-            m = runner.run_epoch()
+            try:
+                m = runner.run_epoch()
+            except TrainingDiverged as e:  # the trial ends ERROR naming the seed and epoch
+                atomic_write_text(diverged, f"{e}\n")
+                raise
             epoch = int(m["epoch"])
             if epoch > logged:  # each epoch logged once, even when replayed after a restore
                 _append_jsonl(metrics_file, {**m, "trial_id": trial_id})

@@ -285,6 +285,9 @@ def test_diverged_trial_errors_with_seed_and_epoch_the_rest_complete(fault_run):
     assert bad["status"] == "ERROR"
     assert "seed 1, epoch 2: training loss is nan" in bad["error"], bad["error"]
     assert _epochs(bad["trial_dir"]) == [1]
+    # Recorded once; Ray's retries re-raise it instead of training the epoch again.
+    diverged = (Path(bad["trial_dir"]) / ".diverged").read_text()
+    assert diverged.strip() == "seed 1, epoch 2: training loss is nan"
     for lr in FAULT_LRS[:2]:
         assert rows[lr]["status"] == "TERMINATED" and rows[lr]["error"] == ""
     assert "errored: " in fault_run["out"]
