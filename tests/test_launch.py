@@ -23,8 +23,13 @@ TB_TAGS = ("tau", "tau_all", "tau_iter_0", "entropy_iter_0", "train_loss", "trai
 
 
 def launch(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "poh_tune.launch", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    try:
+        return subprocess.run([sys.executable, "-m", "poh_tune.launch", *args],
+                              capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"")[-3000:], (e.stderr or b"")[-3000:]
+        raise AssertionError(f"launch {args} timed out after {timeout} s: {out}") from None
 
 
 def rows_of(exp_dir: Path) -> list[dict]:
@@ -196,7 +201,7 @@ def test_address_joins_a_separately_started_head(tmp_path):
             time.sleep(0.5)
         p = launch("grid", "--smoke", "--experiment", "baseline_vs_hrm", "--address",
                    f"127.0.0.1:{port}", "--storage", str(tmp_path), "--name", "a", "--no-report",
-                   env={"RAY_AUTH_MODE": "token"})
+                   env={"RAY_AUTH_MODE": "token"}, timeout=150)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         rows = rows_of(tmp_path / "a")
         assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows)
