@@ -176,35 +176,36 @@ def check_dashboard(args: argparse.Namespace) -> None:
                          f"{', '.join(missing)}): pip install 'ray[default]'")
 
 
-def start_ray(address: str | None, num_cpus: int | None) -> None:
-    # Read when Ray / Tune are imported or started: our own TensorBoard writer (one event per
-    # epoch even after a restore) instead of Ray's, the classic progress table, loopback only.
+def start_ray(address: str | None, num_cpus: int | None, dashboard: bool = False) -> None:
+    # Read when Tune starts: our own TensorBoard writer
+    # (one event per epoch even after a restore) instead of Ray's.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # num_to_keep forces a state snapshot per kept checkpoint; with sub-second smoke epochs Ray
     # warns about it on every epoch. Real epochs take seconds to minutes.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if address is not None and address != "auto":
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise UsageError(f"--address {address!r}: expected HOST:PORT of a Ray head")
-        try:  # fail in seconds with one clear line, not after Ray's minutes of retries
-            socket.create_connection((host, int(port)), timeout=5).close()
-        except OSError as e:
-            raise UsageError(f"--address {address}: no Ray head answers there ({e})") from None
-    if address is None or address.split(":")[0] in ("127.0.0.1", "localhost"):
-        # Single-node mode: every port on 127.0.0.1, and a loopback head is not rewritten to this
-        # machine's network address. Ray reads it at import time (ray_constants).
+    host = (address or "").rpartition(":")[0]
+    if address is None or host in ("127.0.0.1", "localhost"):
+        # Single-node mode, every port on 127.0.0.1 (for a loopback head: else Ray rewrites
+        # 127.0.0.1 to this machine's network address and connects there). Ray reads this once,
+        # when ray is first imported, into ray_constants.ENABLE_RAY_CLUSTER: set before the
+        # import, and on the constant where something imported ray already.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        if "ray" in sys.modules:
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = False
     import ray
 
     if address is None:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 log_to_driver=False)
+        # The dashboard only when asked for, and then on loopback (Ray's default binds it to
+        # all interfaces when the node is not single-node).
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
+                 include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
         return
     try:
         ray.init(address=address, log_to_driver=False)
-    except Exception as e:  # refused auth, version mismatch, ...
+    except Exception as e:  # unreachable address, refused auth, ...
         raise UsageError(f"--address {address}: cannot join the Ray cluster "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                          ) from None
