@@ -412,16 +412,18 @@ def run(args: argparse.Namespace) -> int:
     if args.address is not None:
         check_address(args.address)
     launch["max_failures"] = args.max_failures
-    _, membership = grid_variants(space, launch["experiment_names"]) if args.command == "grid" \
-        else ([], {})
+    variants, membership = grid_variants(space, launch["experiment_names"]) \
+        if args.command == "grid" else ([{}], {})
     print(f"experiment dir: {exp_dir}\n  tensorboard --logdir {exp_dir}", flush=True)
     start_ray(args.address, args.num_cpus, args.dashboard)
     from ray import tune
 
     trainable = make_trainable(space, launch, membership)
     if args.resume:
+        # tuner.pkl does not keep the param space: a run killed before Tune's first experiment
+        # snapshot restores a fresh variant generator that needs it (KeyError otherwise).
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
-                                   resume_errored=True)
+                                   resume_errored=True, param_space=dict(variants[0]))
     else:
         exp_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(exp_dir / EXPERIMENT_FILE,

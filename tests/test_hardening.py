@@ -317,3 +317,95 @@ def test_crashed_trials_resume_from_checkpoint_and_match_an_uninterrupted_run(fa
                 assert g[k] == pytest.approx(w[k], abs=1e-6), (k, g["epoch"])
     # Faults injected: one process death per trial (3) and one divergence; all contained.
     assert sum((Path(r["trial_dir"]) / ".crashed").exists() for r in _rows(exp)) == 3
+
+
+def _wait_for(cond, proc: subprocess.Popen, timeout: float = 240) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _kill(proc: subprocess.Popen) -> str:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    except ProcessLookupError:
+        pass
+    return proc.communicate()[0]
+
+
+def _lines(exp: Path) -> dict[Path, bytes]:
+    return {f: f.read_bytes() for f in exp.glob("train_trial_*/metrics.jsonl")}
+
+
+@pytest.mark.slow
+def test_driver_killed_at_several_points_then_resumed_loses_nothing(tmp_path):
+    """SIGKILL the driver right after the run starts, then again mid-run (a trial finished,
+    another half done); --resume each time. No finished trial is rerun, no epoch is logged
+    twice, and no result file is left truncated."""
+    from test_launch import check_trial_dirs
+
+    epochs, lrs = 12, [0.001, 0.002, 0.003, 0.004]
+    space = tmp_path / "kill.yaml"
+    space.write_text(_dump(_with(_with(GRID, "experiments.lr.sweep.lr_encoder", lrs),
+                                 "base.epochs", epochs)))
+    exp = tmp_path / "k"
+    common = ["--storage", str(tmp_path), "--name", "k", "--no-report", "--num-cpus", "2"]
+
+    # 1. Right after start: the experiment is registered (tuner.pkl), no epoch logged yet.
+    proc = _launch_popen(["grid", str(space), *common])
+    assert _wait_for(lambda: (exp / "tuner.pkl").exists(), proc), "the run never started"
+    _kill(proc)
+    info = (exp / "poh_experiment.yaml").read_text()
+    assert yaml.safe_load(info)["mode"] == "grid"
+
+    # 2. Mid-run, on the resumed run: one trial finished, another one half done.
+    def mid_run() -> bool:
+        counts = [d.count(b"\n") for d in _lines(exp).values()]
+        return epochs in counts and any(0 < c < epochs for c in counts)
+
+    proc = _launch_popen(["grid", "--resume", *common])
+    if not _wait_for(mid_run, proc):
+        pytest.fail("the run ended before it could be killed mid-run:\n" + _kill(proc)[-3000:])
+    _kill(proc)
+    finished = {f: d for f, d in _lines(exp).items() if d.count(b"\n") == epochs}
+    partial = {f: d for f, d in _lines(exp).items() if 0 < d.count(b"\n") < epochs}
+    assert finished and partial
+    assert not (exp / "results.csv").exists()
+
+    # 3. Resume to the end.
+    p = subprocess.run([sys.executable, "-m", "poh_tune.launch", "grid", "--resume", *common],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = _rows(exp)
+    assert sorted(float(r["config.lr_encoder"]) for r in rows) == lrs
+    assert all(r["status"] == "TERMINATED" and r["stopped_early"] == "False" for r in rows)
+    check_trial_dirs(rows, epochs)  # every epoch once in metrics.jsonl and in TensorBoard
+    for f, data in finished.items():  # finished trials were not rerun
+        assert f.read_bytes() == data
+    for f, data in partial.items():  # a half-done trial kept its epochs and went on
+        assert f.read_bytes().startswith(data)
+    assert (exp / "poh_experiment.yaml").read_text() == info
+    assert yaml.safe_load((exp / "best_config.yaml").read_text())["epochs"] == epochs
+    assert not list(exp.glob(".*.tmp"))  # no half-written result file left behind
+
+
+def test_no_unsafe_loading_no_shell_and_atomic_result_writes():
+    """Static checks over the package: YAML via safe_load, checkpoints with weights_only=True,
+    no shell, and every result file written atomically (poh_tune.io or temp file + replace)."""
+    pkg = Path(__file__).resolve().parent.parent / "poh_tune"
+    for f in sorted(pkg.glob("*.py")):
+        src = f.read_text()
+        assert not re.search(r"yaml\.(load|unsafe_load|full_load)\(|yaml\.(Unsafe|Full)?Loader\b",
+                             src), f
+        assert not re.search(r"shell\s*=\s*True|os\.system\(|os\.popen\(|import subprocess", src), f
+        assert not re.search(r"pickle\.loads?\(", src), f
+        for call in re.findall(r"torch\.load\([^)]*\)", src):
+            assert "weights_only=True" in call, (f, call)
+        if f.name == "io.py":
+            continue
+        for line in src.splitlines():
+            if re.search(r"\.write_(text|bytes)\(|open\([^)]*[\"']w", line):
+                assert "tmp" in line and ".replace(" in src, (f.name, line)
