@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--max-concurrent", type=int, default=None)
         s.add_argument("--scheduler", choices=("fifo", "asha"), default=None)
         s.add_argument("--checkpoint-every", type=int, default=1)
+        s.add_argument("--reuse-actors", action="store_true",
+                       help="keep trial processes for the next trial: many short trials start "
+                            "several times faster (each new process imports torch)")
         s.add_argument("--max-failures", type=int, default=2,
                        help="retries of a trial whose process dies (from its last checkpoint)")
         s.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -269,7 +272,8 @@ def make_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
         verbose=1)
     tune_config = tune.TuneConfig(metric=space.metric, mode=space.metric_mode,
                                   search_alg=search_alg, scheduler=scheduler,
-                                  num_samples=num_samples, reuse_actors=False)
+                                  num_samples=num_samples,
+                                  reuse_actors=bool(launch.get("reuse_actors", False)))
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                       run_config=run_config)
 
@@ -412,6 +416,7 @@ def run(args: argparse.Namespace) -> int:
     if args.address is not None:
         check_address(args.address)
     launch["max_failures"] = args.max_failures
+    launch["reuse_actors"] = args.reuse_actors
     variants, membership = grid_variants(space, launch["experiment_names"]) \
         if args.command == "grid" else ([{}], {})
     print(f"experiment dir: {exp_dir}\n  tensorboard --logdir {exp_dir}", flush=True)

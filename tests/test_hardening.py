@@ -409,3 +409,33 @@ def test_no_unsafe_loading_no_shell_and_atomic_result_writes():
         for line in src.splitlines():
             if re.search(r"\.write_(text|bytes)\(|open\([^)]*[\"']w", line):
                 assert "tmp" in line and ".replace(" in src, (f.name, line)
+
+
+LOAD_TRIALS = 200
+
+
+@pytest.mark.slow
+def test_grid_of_200_tiny_trials_every_trial_accounted_for(tmp_path):
+    """Load: 200 one-epoch trials, four at a time per CPU, trial processes reused."""
+    lrs = [round(1e-4 + i * 1e-6, 8) for i in range(LOAD_TRIALS)]
+    space = tmp_path / "load.yaml"
+    space.write_text(_dump({**_with(GRID, "experiments.lr.sweep.lr_encoder", lrs),
+                            "max_concurrent": 0}))
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "poh_tune.launch", "grid", str(space),
+                        "--storage", str(tmp_path), "--name", "load", "--no-report",
+                        "--num-cpus", "2", "--cpus-per-trial", "0.25", "--reuse-actors"],
+                       capture_output=True, text=True, timeout=600)
+    wall = time.time() - t0
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = _rows(tmp_path / "load")
+    assert len(rows) == LOAD_TRIALS
+    assert sorted(float(r["config.lr_encoder"]) for r in rows) == sorted(lrs)
+    assert len({r["trial_id"] for r in rows}) == LOAD_TRIALS
+    assert all(r["status"] == "TERMINATED" and r["epochs_done"] == "1" for r in rows)
+    for r in rows:  # each trial's own files, even in a reused process
+        info = yaml.safe_load(open(Path(r["trial_dir"]) / "poh_trial.yaml"))
+        assert info["trial_id"] == r["trial_id"]
+        assert info["config"]["lr_encoder"] == float(r["config.lr_encoder"])
+        assert _epochs(r["trial_dir"]) == [1]
+    print(f"\n{LOAD_TRIALS} trials: {wall:.0f} s wall ({wall / LOAD_TRIALS:.2f} s per trial)")
