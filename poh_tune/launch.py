@@ -121,6 +121,12 @@ def resolve(args: argparse.Namespace) -> tuple[Space, Path, dict[str, Any]]:
     gpu = args.gpus_per_trial if args.gpus_per_trial is not None else space.gpu
     if cpu <= 0 or gpu < 0:
         raise UsageError(f"--cpus-per-trial={cpu} must be > 0 and --gpus-per-trial={gpu} >= 0")
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise UsageError(f"--num-cpus={args.num_cpus}: must be >= 1")
+    local_cpus = args.num_cpus or os.cpu_count() or 1
+    if args.address is None and cpu > local_cpus:  # no trial could ever start: Tune would wait
+        raise UsageError(f"--cpus-per-trial={cpu}: the embedded Ray has {local_cpus} CPUs "
+                         f"(--num-cpus); allowed: > 0 and <= {local_cpus}")
     launch = {
         "smoke": args.smoke, "overrides": overrides,
         "experiment_names": getattr(args, "experiment", None),
