@@ -355,9 +355,33 @@ def config_of(row: dict[str, Any]) -> TrialConfig:
     return from_dict(d)
 
 
+LOST_TRIAL_FILE = "poh_trial.lost.yaml"
+
+
+def retire_lost_trials(exp_dir: Path, rows: list[dict[str, Any]]) -> int:
+    """Rename poh_trial.yaml in trial folders that no row of results.csv names.
+
+    A Tune trial started after the driver's last snapshot is unknown to the restored experiment:
+    its configuration runs again as a new trial, and the old folder's partial epochs must not be
+    counted as one more trial.
+    """
+    known = {Path(r["trial_dir"]).resolve() for r in rows}
+    n = 0
+    for f in exp_dir.glob(f"*/{TRIAL_FILE}"):
+        if f.parent.resolve() not in known:
+            os.replace(f, f.parent / LOST_TRIAL_FILE)
+            n += 1
+    return n
+
+
 def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool) -> int:
     rows = collect(results, {})
     atomic_write_text(exp_dir / "results.csv", _csv_text(rows))
+    lost = retire_lost_trials(exp_dir, rows)
+    if lost:
+        print(f"{lost} trial folder(s) from before the restore belong to no trial of this "
+              f"experiment (started after its last snapshot, rerun since): their "
+              f"{TRIAL_FILE} was renamed {LOST_TRIAL_FILE}")
     n_err = sum(r["status"] == "ERROR" for r in rows)
     n_stop = sum(bool(r["stopped_early"]) for r in rows)
     print(f"\n{len(rows)} trials: {len(rows) - n_err - n_stop} completed, {n_stop} stopped "
