@@ -215,3 +215,15 @@ def test_address_joins_a_separately_started_head(tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_lost_trial_folders_are_retired(tmp_path):
+    from poh_tune.launch import LOST_TRIAL_FILE, TRIAL_FILE, retire_lost_trials
+
+    for name in ("kept", "lost"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / TRIAL_FILE).write_text("config: {}\n")
+    assert retire_lost_trials(tmp_path, [{"trial_dir": str(tmp_path / "kept")}]) == 1
+    assert (tmp_path / "kept" / TRIAL_FILE).exists()
+    assert (tmp_path / "lost" / LOST_TRIAL_FILE).exists()
+    assert not (tmp_path / "lost" / TRIAL_FILE).exists()

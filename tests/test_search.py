@@ -1,0 +1,82 @@
+"""PohOptunaSearch without a cluster: ASHA stops become PRUNED, a restore leaves a clean study."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from poh_tune.search import PohOptunaSearch, close_stale_trials, distributions, study_storage
+
+SEARCH = {"entropy_reg": {"type": "loguniform", "low": 2e-4, "high": 5e-3},
+          "temperature_min": {"type": "uniform", "low": 0.5, "high": 1.2}}
+EPOCHS = 4
+
+
+def searcher(tmp_path) -> PohOptunaSearch:
+    return PohOptunaSearch(space=distributions(SEARCH), metric="tau", mode="max",
+                           sampler=optuna.samplers.TPESampler(seed=0), study_name="s",
+                           storage=study_storage(tmp_path), epochs=EPOCHS)
+
+
+def study(tmp_path) -> optuna.Study:
+    return optuna.load_study(study_name="s", storage=study_storage(tmp_path))
+
+
+def run(s: PohOptunaSearch, trial_id: str, epochs: int) -> None:
+    for e in range(1, epochs + 1):
+        s.on_trial_result(trial_id, {"tau": 0.1 * e, "epoch": e})
+    s.on_trial_complete(trial_id, {"tau": 0.1 * epochs, "epoch": epochs})
+
+
+def test_early_stop_is_pruned_at_its_epoch_full_run_is_complete(tmp_path):
+    s = searcher(tmp_path)
+    s.suggest("a"), s.suggest("b"), s.suggest("c")
+    run(s, "a", EPOCHS)
+    run(s, "b", 2)  # ASHA stopped it after epoch 2
+    s.on_trial_complete("c", None, error=True)
+    a, b, c = study(tmp_path).trials
+    assert a.state == TrialState.COMPLETE and a.value == pytest.approx(0.4)
+    assert a.intermediate_values == pytest.approx({1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4})
+    assert b.state == TrialState.PRUNED and b.user_attrs["stopped_at_epoch"] == 2
+    assert max(b.intermediate_values) == 2
+    assert c.state == TrialState.FAIL
+
+
+def test_restore_adopts_the_trial_asked_after_the_snapshot(tmp_path):
+    s = searcher(tmp_path)
+    first = s.suggest("a")
+    s.save(str(tmp_path / "searcher.pkl"))
+    lost = s.suggest("b")  # asked after the snapshot; then the driver dies
+    del s
+    restored = searcher(tmp_path)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    again = restored.suggest("c")  # the lost trial's Optuna trial, not a new ask
+    assert again == lost
+    new = restored.suggest("d")
+    assert new not in (first, lost)  # the reseeded sampler does not repeat itself
+    for tid in ("a", "c", "d"):
+        run(restored, tid, EPOCHS)
+    trials = study(tmp_path).trials
+    assert len(trials) == 3
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 3
+
+
+def test_told_before_the_kill_is_not_told_again(tmp_path):
+    s = searcher(tmp_path)
+    s.suggest("a")
+    s.save(str(tmp_path / "searcher.pkl"))
+    run(s, "a", EPOCHS)  # finished and told; the snapshot predates it
+    restored = searcher(tmp_path)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_complete("a", {"tau": 0.3, "epoch": 3})  # stale Tune result
+    (t,) = study(tmp_path).trials
+    assert t.state == TrialState.COMPLETE and t.value == pytest.approx(0.4)
+
+
+def test_close_stale_trials(tmp_path):
+    s = searcher(tmp_path)
+    s.suggest("a")
+    assert close_stale_trials(study(tmp_path)) == 1
+    assert study(tmp_path).trials[0].state == TrialState.FAIL
