@@ -1,6 +1,6 @@
 """Tune's own cost: one trial run directly through TrialRunner and then through Ray Tune.
 
-`python -m poh_tune.bench_tune [key=value ...]` prints one JSON object: wall times of both, the
+`python -m poh_tune.bench_tune [key=value ...] | tail -1` prints one JSON line: wall times of both, the
 epoch time inside Tune over the direct one, and Tune's fixed start-up cost.
 """
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
            "fit_over_direct_wall": t["fit_s"] / d["wall_s"],
            "fit_minus_direct_s": t["fit_s"] - d["wall_s"],  # per-trial cost, Ray start excluded
            "same_tau": abs(t["tau"] - d["tau"]) < 1e-6}
-    print(json.dumps(out, indent=1))
+    print(json.dumps(out))  # one line, the last one (Tune prints its own lines before it)
     return 0
 
 
