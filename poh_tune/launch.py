@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from poh_tune.config import ConfigError, TrialConfig, from_dict, parse_overrides
+from poh_tune.config import ConfigError, TrialConfig, from_dict, parse_overrides, read_yaml
 from poh_tune.io import atomic_write_text
 from poh_tune.spaces import Space, canonical, grid_variants, load_space, resolve_space_path
 
@@ -95,7 +95,12 @@ def resolve(args: argparse.Namespace) -> tuple[Space, Path, dict[str, Any]]:
         if not (exp_dir / "tuner.pkl").exists() or not info_file.exists():
             raise UsageError(f"--resume: nothing to resume in {exp_dir} (no tuner.pkl or "
                              f"{EXPERIMENT_FILE})")
-        info = yaml.safe_load(info_file.read_text())
+        info = read_yaml(info_file)
+        keys = ("mode", "space_file", "launch")
+        if not isinstance(info, dict) or any(k not in info for k in keys) or not isinstance(
+                info["launch"], dict) or any(k not in info["launch"] for k in ("overrides", "smoke")):
+            raise UsageError(f"--resume: {info_file} is not a poh_tune experiment record "
+                             f"(expected the keys {', '.join(keys)}); it was changed or damaged")
         if info["mode"] != args.command:
             raise UsageError(f"--resume: {exp_dir} is a {info['mode']} run, not {args.command}")
         launch = info["launch"]

@@ -126,6 +126,14 @@ BAD_INPUTS = [
     ("cpus_per_trial_above_embedded", _dump(GRID),
      ["grid", "{space}", "--num-cpus", "2", "--cpus-per-trial", "3"],
      ["--cpus-per-trial=3.0", "has 2 CPUs", "<= 2"]),
+    ("resume_damaged_record", None, ["grid", "--resume", "--name", "r"],
+     ["{runs}/r/poh_experiment.yaml", "malformed YAML"]),
+    ("resume_record_missing_keys", None, ["grid", "--resume", "--name", "r2"],
+     ["{runs}/r2/poh_experiment.yaml", "not a poh_tune experiment record"]),
+    ("resume_wrong_mode", None, ["grid", "--resume", "--name", "r3"],
+     ["{runs}/r3", "is a optuna run, not grid"]),
+    ("run_exists_without_resume", _dump(GRID), ["grid", "{space}", "--name", "t"],
+     ["{runs}/t holds a run already", "--resume --name t"]),
     ("unreachable_address", _dump(GRID), ["grid", "{space}", "--address", "127.0.0.1:{port}"],
      ["127.0.0.1:{port}", "no Ray head answers there"]),
     ("address_not_host_port", _dump(GRID), ["grid", "{space}", "--address", "headnode"],
@@ -136,6 +144,16 @@ BAD_INPUTS = [
 ]
 
 
+# Files a case finds under --storage (an earlier run); they must be left byte for byte.
+PRE_EXISTING = {
+    "resume_damaged_record": {"r/tuner.pkl": "x", "r/poh_experiment.yaml": "mode: grid\n[1, 2\n"},
+    "resume_record_missing_keys": {"r2/tuner.pkl": "x", "r2/poh_experiment.yaml": "mode: grid\n"},
+    "resume_wrong_mode": {"r3/tuner.pkl": "x", "r3/poh_experiment.yaml": _dump(
+        {"mode": "optuna", "space_file": "o.yaml", "launch": {"overrides": {}, "smoke": False}})},
+    "run_exists_without_resume": {"t/tuner.pkl": "x"},
+}
+
+
 @pytest.mark.parametrize("case, space_text, argv, needles", BAD_INPUTS,
                          ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_exits_2_with_one_clear_line_and_writes_nothing(tmp_path, case, space_text,
@@ -144,7 +162,12 @@ def test_bad_input_exits_2_with_one_clear_line_and_writes_nothing(tmp_path, case
     if space_text is not None:
         space.write_text(space_text)
     storage = tmp_path / "runs"
-    subs = {"{space}": str(space), "{tmp}": str(tmp_path), "{port}": str(_free_port())}
+    for rel, text in PRE_EXISTING.get(case, {}).items():
+        (storage / rel).parent.mkdir(parents=True, exist_ok=True)
+        (storage / rel).write_text(text)
+    before = {f: f.read_bytes() for f in storage.rglob("*") if f.is_file()}
+    subs = {"{space}": str(space), "{tmp}": str(tmp_path), "{port}": str(_free_port()),
+            "{runs}": str(storage)}
 
     def fill(s: str) -> str:
         for k, v in subs.items():
@@ -164,8 +187,12 @@ def test_bad_input_exits_2_with_one_clear_line_and_writes_nothing(tmp_path, case
     for n in needles:
         assert fill(n) in err, (fill(n), err)
     assert "NO_RAY" in p.stdout, "Ray was imported before the input was validated"
-    assert not storage.exists(), "something was written"
-    assert sorted(x.name for x in tmp_path.iterdir()) == (["space.yaml"] if space_text else [])
+    if case in PRE_EXISTING:  # the earlier run's files, unchanged, and nothing else
+        assert {f: f.read_bytes() for f in storage.rglob("*") if f.is_file()} == before
+    else:
+        assert not storage.exists(), "something was written"
+    expected = (["space.yaml"] if space_text else []) + (["runs"] if before else [])
+    assert sorted(x.name for x in tmp_path.iterdir()) == sorted(expected)
     assert elapsed < 30
 
 
