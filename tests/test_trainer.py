@@ -180,5 +180,7 @@ def test_learns_the_spec_task_within_ten_epochs(model):
     """SPEC task (L=20, mask 0.5, 1000 samples): dev τ >= 0.90 within 10 epochs on one seed."""
     cfg = TrialConfig(model=model, seeds=(1,), epochs=10)
     r = TrialRunner(cfg)
-    best = max(r.run_epoch()["tau"] for _ in range(10))
-    assert best >= 0.90
+    taus = []
+    while not r.done and (not taus or max(taus) < 0.90):
+        taus.append(r.run_epoch()["tau"])
+    assert max(taus) >= 0.90, taus
