@@ -133,15 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed epochs first")
     ap.add_argument("--seeds", type=int, default=1,
                     help="also time k seeds trained together and compare with one seed")
-    ap.add_argument("--estimate-grid", nargs="?", const="document_grid.yaml", metavar="SPACE",
+    ap.add_argument("--estimate-grid", nargs="?", const="", default=None, metavar="SPACE",
                     help="estimate the wall time of a grid space here (default: the document's)")
     ap.add_argument("--experiment", action="append", default=None,
                     help="with --estimate-grid: only this experiment (repeatable)")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
-    if args.estimate_grid:
+    if args.estimate_grid is not None:
         try:
-            print(json.dumps(estimate_grid(args.estimate_grid, args.experiment)))
+            print(json.dumps(estimate_grid(args.estimate_grid or None, args.experiment)))
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
