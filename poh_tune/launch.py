@@ -225,6 +225,23 @@ def start_ray(address: str | None, num_cpus: int | None, dashboard: bool = False
                          ) from None
 
 
+def check_trial_fits(cpu: float, gpu: float, embedded: bool) -> None:
+    """A trial that no node can hold would wait forever: an error on the embedded Ray (which
+    cannot grow), a warning on a cluster (an autoscaler may still add such a node)."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(r.get("CPU", 0) >= cpu and r.get("GPU", 0) >= gpu for r in nodes):
+        return
+    have = ", ".join(f"{r.get('CPU', 0):g} CPU / {r.get('GPU', 0):g} GPU" for r in nodes)
+    msg = (f"--cpus-per-trial={cpu:g} --gpus-per-trial={gpu:g}: no node of this Ray has that "
+           f"much (nodes: {have}); lower the per-trial share")
+    if embedded:
+        ray.shutdown()
+        raise UsageError(msg)
+    print(f"warning: {msg}; trials wait until such a node joins", file=sys.stderr)
+
+
 def make_trainable(space: Space, launch: dict[str, Any], membership: dict[str, list[str]]):
     from ray import tune
 
@@ -456,6 +473,7 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "grid" else ([{}], {})
     print(f"experiment dir: {exp_dir}\n  tensorboard --logdir {exp_dir}", flush=True)
     start_ray(args.address, args.num_cpus, args.dashboard)
+    check_trial_fits(launch["cpu"], launch["gpu"], embedded=args.address is None)
     from ray import tune
 
     trainable = make_trainable(space, launch, membership)

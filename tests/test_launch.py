@@ -211,3 +211,13 @@ def test_lost_trial_folders_are_retired(tmp_path):
     assert (tmp_path / "kept" / TRIAL_FILE).exists()
     assert (tmp_path / "lost" / LOST_TRIAL_FILE).exists()
     assert not (tmp_path / "lost" / TRIAL_FILE).exists()
+
+
+def test_trial_larger_than_every_node_is_an_error_not_a_hang(tmp_path):
+    """The embedded Ray cannot grow: a per-trial share no node holds would wait forever."""
+    p = launch("grid", "--smoke", "--gpus-per-trial", "1", "--storage", str(tmp_path / "runs"),
+               timeout=120)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "--gpus-per-trial=1" in p.stderr and "0 GPU" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written
