@@ -260,6 +260,28 @@ def welch_p(a: list[float], b: list[float]) -> float:
         return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def paired_p(pot: Trial, base: Trial, stat: str) -> float:
+    """Two-sided p-value of the paired t-test over the seeds both trials ran.
+
+    The same seed gives both configurations the same data splits, so per-seed differences
+    remove the split-to-split variance that Welch's test has to carry.
+
+    Args:
+        pot: the PoH trial.
+        base: the baseline trial.
+        stat: "test_tau", "test_tau_all" or "test_perfect_sort".
+    Returns:
+        The p-value; nan with fewer than 2 shared seeds or identical differences.
+    """
+    pairs = [(pot.last.get(f"{stat}_seed_{s}"), base.last.get(f"{stat}_seed_{s}"))
+             for s in pot.seeds if s in base.seeds]
+    pairs = [(a, b) for a, b in pairs if len(_finite([a, b])) == 2]
+    diffs = [a - b for a, b in pairs]
+    if len(pairs) < 2 or np.var(diffs) == 0:
+        return math.nan
+    return float(stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue)
+
+
 def match_baseline(trial: Trial, baselines: list[Trial]) -> Trial | None:
     """The baseline of the same task (TASK_KEYS) sharing the most other settings.
 
@@ -289,11 +311,12 @@ class ABResult:
     base_stat: Stat
     delta: float
     rel: float  # delta / baseline mean; nan when the baseline mean is 0
-    p: float
+    p: float  # Welch
+    p_paired: float  # paired over shared seeds
 
 
 def ab_compare(pot: Trial, base: Trial, stat: str = "test_tau") -> ABResult:
-    """Absolute and relative Δ of a statistic (PoH minus baseline) and Welch's p over seeds.
+    """Absolute and relative Δ of a statistic (PoH minus baseline); Welch's and paired p.
 
     Args:
         pot: the PoH trial.
@@ -305,7 +328,8 @@ def ab_compare(pot: Trial, base: Trial, stat: str = "test_tau") -> ABResult:
     ps, bs = trial_stat(pot, stat), trial_stat(base, stat)
     delta = ps.mean - bs.mean
     rel = delta / bs.mean if bs.mean != 0 else math.nan
-    return ABResult(pot, base, stat, ps, bs, delta, rel, welch_p(ps.values, bs.values))
+    return ABResult(pot, base, stat, ps, bs, delta, rel, welch_p(ps.values, bs.values),
+                    paired_p(pot, base, stat))
 
 
 def band_status(base_tau: float, pot_tau: float, rel: float) -> dict[str, bool]:
@@ -707,6 +731,7 @@ def summary_frame(exp: Experiment) -> pd.DataFrame:
             r[f"delta_{stat}"] = ab.delta if ab else math.nan
             r[f"rel_delta_{stat}"] = ab.rel if ab else math.nan
             r[f"p_{stat}"] = ab.p if ab else math.nan
+            r[f"p_paired_{stat}"] = ab.p_paired if ab else math.nan
         rows.append(r)
     return pd.DataFrame(rows)
 
@@ -797,13 +822,14 @@ def render_markdown(exp: Experiment, summary: pd.DataFrame, plots: dict[str, Pat
     for t in pots:
         bid = summary.loc[summary.trial_id == t.trial_id, "baseline_trial_id"].iloc[0]
         if bid is None or (isinstance(bid, float) and math.isnan(bid)):
-            ab_rows.append([labels[t.trial_id], "no baseline of this task", *["n/a"] * 6])
+            ab_rows.append([labels[t.trial_id], "no baseline of this task", *["n/a"] * 7])
             continue
         base = by_id[bid]
         for stat in ("test_tau", "test_tau_all"):
             ab = ab_compare(t, base, stat)
             ab_rows.append([labels[t.trial_id], labels[bid], STAT_KEYS[stat], _fmt(ab.pot_stat),
-                            _fmt(ab.base_stat), _num(ab.delta), _num(ab.rel, pct=True), _p(ab.p)])
+                            _fmt(ab.base_stat), _num(ab.delta), _num(ab.rel, pct=True), _p(ab.p),
+                            _p(ab.p_paired)])
             met = band_status(ab.base_stat.mean, ab.pot_stat.mean, ab.rel)
             known = not math.isnan(ab.delta)
             band_rows.append([labels[t.trial_id], STAT_KEYS[stat],
@@ -811,11 +837,12 @@ def render_markdown(exp: Experiment, summary: pd.DataFrame, plots: dict[str, Pat
                                 for b in BANDS)])
     if pots:
         L += _table(["PoH configuration", "baseline", "metric", "PoH", "baseline", "Δ", "relative Δ",
-                     "Welch p"], ab_rows)
+                     "Welch p", "paired p"], ab_rows)
     else:
         L += ["No PoH configuration in this experiment.", ""]
     L += ["Welch's t-test (unequal variances) over seeds, two-sided; n/a with fewer than two seeds "
-          "a side.", ""]
+          "a side. Paired: the t-test of per-seed differences over the seeds both ran (a seed "
+          "fixes the data splits, so this removes split-to-split variance).", ""]
     if band_rows:
         L += ["### The document's success bands", ""]
         L += [", ".join(f"{n}: τ(baseline) > {b}, τ(HRM) > {h}, gain ≥ +{100 * r:.0f} %"

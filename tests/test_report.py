@@ -128,6 +128,13 @@ def _welch_p(a, b) -> float:
     return 2 * stats.t.sf(abs(t), df)
 
 
+def _paired_p(a, b) -> float:
+    """Independent: the t statistic of the per-seed differences by hand, n - 1 df."""
+    d = np.asarray(a) - np.asarray(b)
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
+    return 2 * stats.t.sf(abs(t), len(d) - 1)
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("exp")
@@ -165,6 +172,7 @@ def test_ab_deltas_and_welch_p(built):
             assert s.loc[pot, f"delta_{stat}"] == pytest.approx(d, abs=1e-12)
             assert s.loc[pot, f"rel_delta_{stat}"] == pytest.approx(d / np.mean(b), rel=1e-9)
             assert s.loc[pot, f"p_{stat}"] == pytest.approx(_welch_p(a, b), rel=1e-6)
+            assert s.loc[pot, f"p_paired_{stat}"] == pytest.approx(_paired_p(a, b), rel=1e-6)
     assert pd.isna(s.loc["b1", "baseline_trial_id"])
 
 
