@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from poh_tune.io import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A user mistake in a configuration: the message names the key, the value and what is allowed."""
@@ -246,8 +248,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 def save_config(cfg: TrialConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically (a kill never leaves half a file)."""
-    from poh_tune.io import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 

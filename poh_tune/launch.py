@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import logging
 import math
 import os
@@ -17,7 +16,7 @@ from typing import Any
 import yaml
 
 from poh_tune.config import ConfigError, TrialConfig, from_dict, parse_overrides, read_yaml
-from poh_tune.io import atomic_write_text
+from poh_tune.io import atomic_write_text, read_metrics
 from poh_tune.spaces import Space, canonical, grid_variants, load_space, resolve_space_path
 
 EXPERIMENT_FILE = "poh_experiment.yaml"
@@ -307,19 +306,6 @@ def make_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
 
 
 # --- results --------------------------------------------------------------------------------------
-def _read_metrics(trial_dir: Path) -> list[dict[str, Any]]:
-    rows: dict[int, dict[str, Any]] = {}
-    f = trial_dir / METRICS_FILE
-    if f.exists():
-        for line in f.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue  # a torn last line after a kill
-            rows.setdefault(int(r["epoch"]), r)
-    return [rows[e] for e in sorted(rows)]
-
-
 def _csv_text(rows: list[dict[str, Any]]) -> str:
     cols: list[str] = []
     for r in rows:
@@ -340,7 +326,7 @@ def collect(results, epochs_of: dict[str, int]) -> list[dict[str, Any]]:
             trial_dir / TRIAL_FILE).exists() else {}
         cfg = info.get("config") or {}
         trial_id = info.get("trial_id") or (r.metrics or {}).get("trial_id") or trial_dir.name
-        hist = _read_metrics(trial_dir)
+        hist = read_metrics(trial_dir / METRICS_FILE)
         last = hist[-1] if hist else {}
         done = int(last.get("epoch", 0))
         epochs = int(cfg.get("epochs", epochs_of.get(trial_id, 0)) or 0)

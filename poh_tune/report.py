@@ -20,7 +20,7 @@ from scipy import stats
 
 from poh_tune.config import ConfigError, read_yaml
 from poh_tune.data import VALUE_HIGH, VALUE_LOW, n_visible
-from poh_tune.io import atomic_write_text
+from poh_tune.io import atomic_write_bytes, atomic_write_text, read_metrics
 from poh_tune.metrics import mean_ci95
 from poh_tune.trainer import HERFINDAHL_MAX, MAX_ALPHA_BAND, routing_healthy
 
@@ -104,23 +104,6 @@ class Experiment:
 
 
 # --- loading --------------------------------------------------------------------------------------
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl rows by epoch (the first row of an epoch wins); a torn last line is skipped."""
-    by_epoch: dict[int, dict[str, Any]] = {}
-    if not path.is_file():
-        return []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "epoch" in row:
-            by_epoch.setdefault(int(row["epoch"]), row)  # first wins, as the trainable logs it
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
 def _truthy(v: Any) -> bool:
     if isinstance(v, str):
         return v.strip().lower() in ("true", "1", "yes")
@@ -178,7 +161,7 @@ def load_experiment(exp_dir: str | Path) -> Experiment:
         tdir = spec_path.parent
         trials.append(Trial(trial_id=str(spec.get("trial_id", tdir.name)), trial_dir=tdir,
                             config=spec["config"], experiments=list(spec.get("experiments") or []),
-                            rows=_read_metrics(tdir / "metrics.jsonl")))
+                            rows=read_metrics(tdir / "metrics.jsonl")))
     if not trials:
         raise ReportError(f"{exp_dir}: no trials found (no **/poh_trial.yaml below it)")
     matched: set[int] = set()
@@ -505,10 +488,7 @@ def _save(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=FIG_DPI)  # no bbox "tight": the size stays fixed
     _pyplot().close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

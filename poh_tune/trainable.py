@@ -15,7 +15,7 @@ import torch
 from ray import tune
 
 from poh_tune.config import TrialConfig, from_dict
-from poh_tune.io import atomic_write_text
+from poh_tune.io import atomic_write_text, read_metrics
 from poh_tune.spaces import canonical
 from poh_tune.trainer import TrainingDiverged, TrialRunner
 
@@ -30,14 +30,8 @@ DIVERGED_FILE = ".diverged"  # the divergence message; retries re-raise it inste
 
 def last_logged_epoch(path: Path) -> int:
     """The highest epoch in a metrics.jsonl (0 if none); a torn last line is ignored."""
-    last = 0
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                last = max(last, int(json.loads(line)["epoch"]))
-            except (ValueError, KeyError, TypeError):
-                continue
-    return last
+    rows = read_metrics(path)
+    return int(rows[-1]["epoch"]) if rows else 0
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
