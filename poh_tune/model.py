@@ -34,6 +34,67 @@ class ModelConfig:
         return self.max_inner_iters if self.model == "pot" else 1
 
 
+def _split(S: int, device: torch.device) -> int:
+    """How many leading members go through one batched matmul; the rest go one at a time.
+
+    On CPU a batched matmul gives each thread whole batch items, so S items over T threads cost
+    ceil(S/T) rounds: 5 members on 2 threads cost as much as 6. Whole rounds of members go
+    through bmm, and the remainder through plain matmuls that use every thread.
+    """
+    if device.type != "cpu" or S == 1:
+        return S
+    T = torch.get_num_threads()
+    return S - S % T if T > 1 else S
+
+
+class _EnsembleLinear(torch.autograd.Function):
+    """y[s] = b[s] + x[s] @ W[s] for every member s, with the forward and both backward matmuls
+    split as `_split` says, into preallocated outputs (no cat). b is (S, 1, M) or (S, N, M)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
+        S, N, _ = x.shape
+        y = x.new_empty(S, N, w.shape[-1])
+        if n:
+            torch.baddbmm(b[:n], x[:n], w[:n], out=y[:n])
+        for s in range(n, S):
+            torch.addmm(b[s], x[s], w[s], out=y[s])
+        ctx.save_for_backward(x, w)
+        ctx.n, ctx.broadcast_b = n, b.shape[1] == 1
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        x, w = ctx.saved_tensors
+        n, S = ctx.n, x.shape[0]
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.empty_like(x)
+            wt = w.transpose(1, 2)
+            if n:
+                torch.bmm(gy[:n], wt[:n], out=gx[:n])
+            for s in range(n, S):
+                torch.mm(gy[s], wt[s], out=gx[s])
+        if ctx.needs_input_grad[1]:
+            gw = torch.empty_like(w)
+            xt = x.transpose(1, 2)
+            if n:
+                torch.bmm(xt[:n], gy[:n], out=gw[:n])
+            for s in range(n, S):
+                torch.mm(xt[s], gy[s], out=gw[s])
+        if ctx.needs_input_grad[2]:
+            gb = gy.sum(1, keepdim=True) if ctx.broadcast_b else gy
+        return gx, gw, gb, None
+
+
+def ebaddmm(base: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """base + x @ w for every member: x (S, N, K), w (S, K, M), base (S, 1, M) or (S, N, M)."""
+    n = _split(x.shape[0], x.device)
+    if n == x.shape[0]:
+        return torch.baddbmm(base, x, w)
+    return _EnsembleLinear.apply(x, w, base, n)
+
+
 class ELinear(nn.Module):
     """S independent linear layers applied in one batched matmul; init as nn.Linear."""
 
@@ -45,8 +106,7 @@ class ELinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         S, *mid, d_in = x.shape
-        y = torch.baddbmm(self.bias, x.reshape(S, -1, d_in), self.weight)  # (S, N, d_out)
-        return y.view(S, *mid, -1)
+        return ebaddmm(self.bias, x.reshape(S, -1, d_in), self.weight).view(S, *mid, -1)
 
 
 class ELayerNorm(nn.Module):
@@ -107,7 +167,11 @@ class EGRUCell(nn.Module):
         self.hh = ELinear(S, d_hidden, 3 * d_hidden, bound)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        i_r, i_z, i_n = self.ih(x).chunk(3, dim=-1)
+        return self.from_gates(self.ih(x), h)
+
+    def from_gates(self, gi: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The cell given its input gates gi = ih(x), (S, N, 3 * d_hidden)."""
+        i_r, i_z, i_n = gi.chunk(3, dim=-1)
         h_r, h_z, h_n = self.hh(h).chunk(3, dim=-1)
         r = torch.sigmoid(i_r + h_r)
         z = torch.sigmoid(i_z + h_z)
@@ -121,9 +185,13 @@ class HRMCarry:
 
     z_L: torch.Tensor  # (S, B*L, d_ctrl) fast state, updated every iteration
     z_H: torch.Tensor  # (S, B*L, d_ctrl) slow state, updated on period iterations only
+    # z_H's share of the fast cell's input gates and of the router logits (biases included),
+    # (S, B*L or 1, 3*d_ctrl) and (S, B*L or 1, H): recomputed only when z_H changes.
+    z_H_proj: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def detach(self) -> HRMCarry:
-        return HRMCarry(self.z_L.detach(), self.z_H.detach())
+        proj = None if self.z_H_proj is None else tuple(p.detach() for p in self.z_H_proj)
+        return HRMCarry(self.z_L.detach(), self.z_H.detach(), proj)
 
 
 class HRMController(nn.Module):
@@ -141,7 +209,19 @@ class HRMController(nn.Module):
 
     def init_carry(self, n_tokens: int) -> HRMCarry:
         S, _, c = self.z_L0.shape
-        return HRMCarry(self.z_L0.expand(S, n_tokens, c), self.z_H0.expand(S, n_tokens, c))
+        # Every token starts from the same z_H: project it once, broadcast over tokens.
+        return HRMCarry(self.z_L0.expand(S, n_tokens, c), self.z_H0.expand(S, n_tokens, c),
+                        self.project_z_H(self.z_H0))
+
+    def project_z_H(self, z_H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z_H's terms of the fast cell's input gates and of the router, biases included.
+
+        The fast cell reads [u, z_H] and the router [z_L, z_H]; both are linear in the
+        concatenation, so each splits into a z_H part that changes only with z_H.
+        """
+        c = z_H.shape[-1]
+        return (ebaddmm(self.cell_L.ih.bias, z_H, self.cell_L.ih.weight[:, c:]),
+                ebaddmm(self.router.bias, z_H, self.router.weight[:, c:]))
 
     def step(self, carry: HRMCarry, x: torch.Tensor, t_B: torch.Tensor
              ) -> tuple[torch.Tensor, HRMCarry]:
@@ -151,17 +231,21 @@ class HRMController(nn.Module):
         sample (t % period == 0), never decided for the whole batch at once.
         """
         S, B, L, _ = x.shape
+        c = carry.z_L.shape[-1]
+        proj = carry.z_H_proj if carry.z_H_proj is not None else self.project_z_H(carry.z_H)
         u = self.inp(x).reshape(S, B * L, -1)  # (S, B*L, d_ctrl)
-        z_L = self.cell_L(torch.cat([u, carry.z_H], dim=-1), carry.z_L)
+        gi = ebaddmm(proj[0], u, self.cell_L.ih.weight[:, :c])
+        z_L = self.cell_L.from_gates(gi, carry.z_L)  # input [u, z_H]
         z_H = carry.z_H
         upd_B = t_B.cpu() % self.period == 0  # (B,); decided on the host: no device sync
-        if bool(upd_B.all()):
-            z_H = self.cell_H(z_L, z_H)
-        elif bool(upd_B.any()):
-            upd = upd_B.to(x.device).repeat_interleave(L).view(1, B * L, 1)
-            z_H = torch.where(upd, self.cell_H(z_L, z_H), z_H)
-        logits = self.router(torch.cat([z_L, z_H], dim=-1)).view(S, B, L, -1)
-        return logits, HRMCarry(z_L, z_H)
+        if bool(upd_B.any()):
+            new = self.cell_H(z_L, z_H)
+            if not bool(upd_B.all()):
+                upd = upd_B.to(x.device).repeat_interleave(L).view(1, B * L, 1)
+                new = torch.where(upd, new, z_H)
+            z_H, proj = new, self.project_z_H(new)
+        logits = ebaddmm(proj[1], z_L, self.router.weight[:, :c])
+        return logits.view(S, B, L, -1), HRMCarry(z_L, z_H, proj)
 
 
 class MLPController(nn.Module):
@@ -321,13 +405,18 @@ def forward_flops(cfg: ModelConfig, batch: int, pointer: bool) -> float:
     tokens = batch * L
     block = tokens * (2 * d * 3 * d + 2 * d * d + 2 * 2 * d * f) + batch * 2 * 2 * L * L * d
     readout = tokens * 2 * d
-    total = block + readout + tokens * 2 * d  # encoder block, value projection
-    if cfg.model == "pot":
+    total = block + tokens * 2 * d  # encoder block, value projection
+    if cfg.model == "baseline":
+        total += readout  # the baseline reads scores off the encoder; PoH after each iteration
+    else:
         if cfg.controller == "hrm":
-            # inp, GRU_L (input 2c, 3 gates), router: every iteration; GRU_H on period iterations.
-            per_iter = tokens * (2 * d * c + 2 * 3 * (2 * c + c) * c + 2 * 2 * c * H)
+            # Every iteration: inp, GRU_L on [u, z_H] and the router on [z_L, z_H], z_H's part of
+            # both cached. Period iterations: GRU_H, then z_H's part of both, recomputed.
+            per_iter = tokens * (2 * d * c + 2 * 3 * (c + c) * c + 2 * c * H)
+            per_period = tokens * (2 * 3 * (c + c) * c + 2 * c * (3 * c + H))
             n_period = len(range(0, cfg.max_inner_iters, cfg.hrm_period))
-            ctrl = cfg.max_inner_iters * per_iter + n_period * tokens * 2 * 3 * (c + c) * c
+            ctrl = cfg.max_inner_iters * per_iter + n_period * per_period
+            ctrl += 2 * c * (3 * c + H)  # the initial z_H, projected once for all tokens
         else:
             ctrl = cfg.max_inner_iters * tokens * (2 * d * c + 2 * c * H)
         total += cfg.max_inner_iters * (block + readout) + ctrl

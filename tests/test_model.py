@@ -10,6 +10,8 @@ from poh_tune.model import (
     ModelConfig,
     PoHSorter,
     RoutedAttention,
+    _split,
+    ebaddmm,
 )
 
 
@@ -41,6 +43,32 @@ def test_routed_attention_equals_a_per_head_loop():
         heads.append((a @ v[..., sl]) * alpha[0, ..., h: h + 1])
     ref = torch.cat(heads, -1) @ att.out.weight[0] + att.out.bias[0]
     assert torch.allclose(att(x, alpha)[0], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("S", [1, 2, 3, 5])
+@pytest.mark.parametrize("full_base", [False, True])
+def test_ensemble_matmul_equals_a_per_member_loop_with_gradients(S, full_base, monkeypatch):
+    """On 2 CPU threads, 3 and 5 members take the split path (whole rounds through bmm, the rest
+    one at a time); its output and all three gradients must equal plain per-member matmuls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert (_split(S, torch.device("cpu")) < S) == (S % 2 == 1 and S > 1)
+        g = torch.Generator().manual_seed(S)
+        x = torch.randn(S, 7, 6, generator=g, requires_grad=True)
+        w = torch.randn(S, 10, 4, generator=g)[:, 2:8].requires_grad_()  # a strided slice
+        b = torch.randn(S, 7 if full_base else 1, 4, generator=g, requires_grad=True)
+        gy = torch.randn(S, 7, 4, generator=g)
+        y = ebaddmm(b, x, w)
+        grads = torch.autograd.grad(y, (x, w, b), gy)
+        ref = torch.stack([b[s] + x[s] @ w[s] for s in range(S)])  # one member at a time
+        ref_grads = torch.autograd.grad(ref, (x, w, b), gy)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(y, ref, atol=1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_ensemble_gru_cell_equals_torch_gru_cell():
@@ -105,6 +133,30 @@ def test_z_H_changes_only_on_period_iterations_in_forward():
         prev = z_H[t]
 
 
+def test_hrm_cached_z_H_projections_equal_the_concatenated_inputs():
+    """The controller caches z_H's share of the fast cell's gates and of the router; iterated
+    over mixed per-sample periods it must equal reading [u, z_H] and [z_L, z_H] afresh."""
+    torch.manual_seed(0)
+    ctrl = HRMController(3, d_model=16, d_ctrl=8, n_heads=4, period=3)
+    with torch.no_grad():
+        ctrl.z_H0.normal_()
+    B, L = 4, 5
+    carry = ctrl.init_carry(B * L)
+    z_L, z_H = carry.z_L, carry.z_H
+    for it in range(7):
+        x = torch.randn(3, B, L, 16)
+        t_B = torch.tensor([it, it + 1, it + 2, 0])
+        logits, carry = ctrl.step(carry, x, t_B)
+        u = ctrl.inp(x).reshape(3, B * L, -1)
+        z_L = ctrl.cell_L(torch.cat([u, z_H], -1), z_L)
+        upd = (t_B % 3 == 0).repeat_interleave(L).view(1, B * L, 1)
+        z_H = torch.where(upd, ctrl.cell_H(z_L, z_H), z_H)
+        ref = ctrl.router(torch.cat([z_L, z_H], -1)).view(3, B, L, -1)
+        assert torch.allclose(carry.z_L, z_L, atol=1e-5), it
+        assert torch.allclose(carry.z_H, z_H, atol=1e-5), it
+        assert torch.allclose(logits, ref, atol=1e-5), it
+
+
 def test_z_H_update_is_decided_per_sample():
     torch.manual_seed(0)
     ctrl = HRMController(1, d_model=16, d_ctrl=8, n_heads=4, period=4)
@@ -163,3 +215,27 @@ def test_linear_init_matches_torch_default_bounds():
     m = PoHSorter(tiny_model_cfg(), 1)
     w = m.block.ff1.weight
     assert w.abs().max() <= 1 / math.sqrt(32) and w.std() > 0.5 / math.sqrt(3 * 32)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(controller="mlp"), dict(model="baseline"),
+                                dict(hrm_period=5, max_inner_iters=7)])
+def test_forward_flops_equals_the_matmuls_torch_counts(kw):
+    """The MFU numerator, checked against torch's own FLOP counter over a real forward pass.
+
+    The counter does not see CPU attention kernels, so their 4·L²·d per sample and block
+    (scores and values) are added here."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from poh_tune.model import forward_flops
+
+    cfg = ModelConfig(**kw)
+    m = PoHSorter.from_seeds(cfg, [0])
+    B, L = 8, cfg.array_len
+    x, obs = inputs(B=B, L=L)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = m(x, obs, keep_hidden=True)
+        m.pointer.logits(out.hidden.transpose(0, 1).reshape(1, -1, L, cfg.d_model))
+    blocks = 1 + (cfg.max_inner_iters if cfg.model == "pot" else 0)
+    attention = blocks * B * 4 * L * L * cfg.d_model
+    assert counter.get_total_flops() + attention == forward_flops(cfg, B, pointer=True)
