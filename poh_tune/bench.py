@@ -1,6 +1,6 @@
 """Time training epochs and a dev evaluation; report model FLOPs utilisation against this machine's own matmul peak.
 
-    python -m poh_tune.bench [--epochs N] [--warmup N] [--seeds K] [key=value ...]
+    python -m poh_tune.bench [--epochs N] [--warmup N] [--seeds K [--batch-reference]] [key=value ...]
 
 MFU follows nanoGPT's accounting: analytic matmul FLOPs of the model (forward + 2x for backward)
 per second, divided by a peak that is measured here, in the same run, with the same threads.
@@ -59,13 +59,27 @@ class Timed:
         return min(self.train_s)
 
 
-def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1) -> dict:
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1,
+          batch_reference: bool = False) -> dict:
     """Time one seed and, with seeds > 1, k seeds trained together, alternating epoch by epoch
-    so that both see the same machine (these machines are shared and noisy)."""
+    so that both see the same machine (these machines are shared and noisy).
+
+    With `batch_reference`, also one seed on a k times larger batch and training set: the same
+    arithmetic as k seeds in the same number of steps, but in k times larger matmuls, the best
+    that batching k seeds can hope for where the arithmetic is the limit."""
     peak = matmul_peak_gflops()
     runs = [Timed(cfg.replace(seeds=[cfg.seeds[0]]))]
     if seeds > 1:
         runs.append(Timed(cfg.replace(seeds=list(range(1, seeds + 1)))))
+        if batch_reference:
+            runs.append(Timed(cfg.replace(seeds=[cfg.seeds[0]], batch_size=cfg.batch_size * seeds,
+                                          train_samples=cfg.train_samples * seeds)))
     for i in range(warmup + epochs):
         for r in runs:
             r.step(record=i >= warmup)
@@ -89,8 +103,19 @@ def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1) -> dict:
             f"train_epoch_s_{seeds}_seeds_all": [round(x, 4) for x in k.train_s],
             f"eval_s_{seeds}_seeds": round(min(k.eval_s), 4),
             f"cost_ratio_{seeds}_seeds_vs_1": round(k.best / one.best, 3),
+            # Epoch i of k seeds against epoch i of one seed, run back to back: robust to the
+            # machine changing speed between rounds, which the ratio of the two bests is not.
+            f"cost_ratio_{seeds}_seeds_vs_1_paired_median": round(median(
+                [a / b for a, b in zip(k.train_s, one.train_s, strict=True)]), 3),
             f"mfu_{seeds}_seeds": round(k.gflop / k.best / peak, 4),
         })
+        if batch_reference:
+            ref = runs[2]
+            res.update({
+                f"train_epoch_s_1_seed_{seeds}x_batch": round(ref.best, 4),
+                f"cost_ratio_1_seed_{seeds}x_batch_vs_1": round(ref.best / one.best, 3),
+                f"mfu_1_seed_{seeds}x_batch": round(ref.gflop / ref.best / peak, 4),
+            })
     res.update({"threads": torch.get_num_threads(), "torch": torch.__version__,
                 "config": {key: getattr(cfg, key) for key in (
                     "model", "controller", "loss", "deep_supervision", "grad_mode",
@@ -133,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed epochs first")
     ap.add_argument("--seeds", type=int, default=1,
                     help="also time k seeds trained together and compare with one seed")
+    ap.add_argument("--batch-reference", action="store_true",
+                    help="with --seeds k: also one seed on a k times larger batch (same FLOPs)")
     ap.add_argument("--estimate-grid", nargs="?", const="", default=None, metavar="SPACE",
                     help="estimate the wall time of a grid space here (default: the document's)")
     ap.add_argument("--experiment", action="append", default=None,
@@ -154,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    print(json.dumps(bench(cfg, args.epochs, args.warmup, args.seeds)))
+    if args.seeds < 1 or args.epochs < 1 or args.warmup < 0:
+        print(f"error: --seeds and --epochs must be >= 1 and --warmup >= 0; got --seeds "
+              f"{args.seeds} --epochs {args.epochs} --warmup {args.warmup}", file=sys.stderr)
+        return 2
+    print(json.dumps(bench(cfg, args.epochs, args.warmup, args.seeds, args.batch_reference)))
     return 0
 
 

@@ -1,0 +1,64 @@
+"""The speed bench: its CLI, its side-by-side seed comparison and its errors (tiny model)."""
+
+import json
+
+import pytest
+
+from poh_tune import bench
+
+TINY_KEYS = ("array_len", "mask_rate", "train_samples", "dev_samples", "test_samples",
+             "batch_size", "d_model", "n_heads", "d_ff", "d_ctrl", "max_inner_iters", "hrm_period")
+
+
+@pytest.fixture
+def run_bench(capsys, tiny_cfg):
+    """bench's CLI on the tiny configuration: (exit code, stdout, stderr)."""
+    overrides = [f"{k}={getattr(tiny_cfg, k)}" for k in TINY_KEYS]
+
+    def run(*args: str) -> tuple[int, str, str]:
+        rc = bench.main([*args, *overrides])
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+    return run
+
+
+def test_seeds_side_by_side_with_the_batch_reference(run_bench):
+    rc, out, _ = run_bench("--epochs", "3", "--warmup", "0", "--seeds", "3",
+                           "--batch-reference")
+    assert rc == 0
+    res = json.loads(out)
+    one, three = res["train_epoch_s_all"], res["train_epoch_s_3_seeds_all"]
+    assert len(one) == len(three) == 3
+    assert res["train_epoch_s"] == min(one) and res["train_epoch_s_3_seeds"] == min(three)
+    assert res["cost_ratio_3_seeds_vs_1"] == pytest.approx(min(three) / min(one), rel=2e-3)
+    paired = sorted(a / b for a, b in zip(three, one, strict=True))
+    assert res["cost_ratio_3_seeds_vs_1_paired_median"] == pytest.approx(paired[1], rel=2e-3)
+    assert res["cost_ratio_1_seed_3x_batch_vs_1"] == pytest.approx(
+        res["train_epoch_s_1_seed_3x_batch"] / res["train_epoch_s"], rel=2e-3)
+    # Same FLOPs per epoch for 3 seeds and for one seed on a 3x batch and training set.
+    assert res["mfu_3_seeds"] * res["train_epoch_s_3_seeds"] == pytest.approx(
+        res["mfu_1_seed_3x_batch"] * res["train_epoch_s_1_seed_3x_batch"], rel=2e-2)
+    assert 0 < res["mfu"] < 1.5 and res["peak_gflops"] > 0
+    assert res["config"]["d_model"] == 32
+
+
+def test_one_seed_has_no_seed_keys(run_bench):
+    rc, out, _ = run_bench("--epochs", "1", "--warmup", "0")
+    assert rc == 0
+    res = json.loads(out)
+    assert "seeds" not in res and not any("seeds" in k for k in res)
+    assert 0 < res["eval_fraction"] < 10
+
+
+@pytest.mark.parametrize("args, named", [(["--seeds", "0"], "--seeds"),
+                                         (["--epochs", "0"], "--epochs"),
+                                         (["--warmup", "-1"], "--warmup")])
+def test_bad_counts_are_one_line_errors(run_bench, args, named):
+    rc, out, err = run_bench(*args)
+    assert rc == 2 and out == ""
+    assert err.startswith("error:") and named in err and err.count("\n") == 1
+
+
+def test_bad_config_key_is_an_error(run_bench):
+    rc, out, err = run_bench("--epochs", "1", "no_such_key=3")
+    assert rc == 2 and out == "" and "no_such_key" in err
