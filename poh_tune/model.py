@@ -34,14 +34,19 @@ class ModelConfig:
         return self.max_inner_iters if self.model == "pot" else 1
 
 
-def _split(S: int, device: torch.device) -> int:
+# Below this many multiply-adds per member, a matmul is too small for the split to pay for its
+# Python overhead (about 0.1 ms a call, forward and backward): d -> 1 scores, c -> H router.
+SPLIT_MIN_MACS = 1 << 21
+
+
+def _split(S: int, device: torch.device, rows: int, d_in: int, d_out: int) -> int:
     """How many leading members go through one batched matmul; the rest go one at a time.
 
     On CPU a batched matmul gives each thread whole batch items, so S items over T threads cost
     ceil(S/T) rounds: 5 members on 2 threads cost as much as 6. Whole rounds of members go
     through bmm, and the remainder through plain matmuls that use every thread.
     """
-    if device.type != "cpu" or S == 1:
+    if device.type != "cpu" or S == 1 or rows * d_in * d_out < SPLIT_MIN_MACS:
         return S
     T = torch.get_num_threads()
     return S - S % T if T > 1 else S
@@ -89,8 +94,9 @@ class _EnsembleLinear(torch.autograd.Function):
 
 def ebaddmm(base: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """base + x @ w for every member: x (S, N, K), w (S, K, M), base (S, 1, M) or (S, N, M)."""
-    n = _split(x.shape[0], x.device)
-    if n == x.shape[0]:
+    S, N, K = x.shape
+    n = _split(S, x.device, N, K, w.shape[-1])
+    if n == S:
         return torch.baddbmm(base, x, w)
     return _EnsembleLinear.apply(x, w, base, n)
 

@@ -17,7 +17,9 @@ from poh_tune.model import ModelConfig, PoHSorter
 # Routing health band of the document: flag (never fail) a trial whose routing leaves it.
 HERFINDAHL_MAX = 0.5
 MAX_ALPHA_BAND = (0.3, 0.6)
-EVAL_BATCH = 1024
+# Tokens per evaluation chunk, over all members: a chunk's activations stay in cache, so five
+# members evaluate in chunks of a fifth as many samples (measured: 8 % faster at 5 members).
+EVAL_TOKENS = 16384
 
 
 class TrainingDiverged(RuntimeError):
@@ -211,8 +213,9 @@ class TrialRunner:
             v = per_sample.sum(-1)
             sums[key] = sums[key] + v if key in sums else v
 
-        for i in range(0, N, EVAL_BATCH):
-            sl = slice(i, i + EVAL_BATCH)
+        chunk = max(1, EVAL_TOKENS // (S * L))
+        for i in range(0, N, chunk):
+            sl = slice(i, i + chunk)
             ranks, mask = data.ranks[:, sl], data.obs_mask[:, sl]
             out = self.model(x[:, sl], obs[:, sl], temperature, keep_hidden=pointer)
             T, _, n, _ = out.scores.shape
