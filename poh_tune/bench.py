@@ -45,14 +45,36 @@ class Timed:
         self.gflop = len(cfg.seeds) * 3 * forward_flops(
             self.runner.model.cfg, cfg.train_samples, cfg.loss == "pointer_ce") / 1e9
 
-    def step(self, record: bool = True) -> None:
+    def evaluate(self, record: bool) -> None:
         t = time.perf_counter()
-        self.runner.train_pass()
-        t_eval = time.perf_counter()
         self.runner.evaluate("dev", 1.0, diagnostics=self.cfg.diagnostics)
         if record:
-            self.train_s.append(t_eval - t)
-            self.eval_s.append(time.perf_counter() - t_eval)
+            self.eval_s.append(time.perf_counter() - t)
+
+    @property
+    def best(self) -> float:
+        return min(self.train_s)
+
+
+def interleaved_epoch(runs: list[Timed], record: bool = True) -> None:
+    """One training epoch of every run, their optimizer steps interleaved one by one so that all
+    see the same machine (these machines are shared, and their speed drifts within seconds);
+    then a timed dev evaluation of each."""
+    steps = [r.runner.train_steps() for r in runs]
+    spent = [0.0] * len(runs)
+    live = list(range(len(runs)))
+    while live:
+        for i in list(live):
+            t = time.perf_counter()
+            try:
+                next(steps[i])
+            except StopIteration:
+                live.remove(i)
+            spent[i] += time.perf_counter() - t
+    for r, s in zip(runs, spent, strict=True):
+        if record:
+            r.train_s.append(s)
+        r.evaluate(record)
 
     @property
     def best(self) -> float:
@@ -67,8 +89,8 @@ def median(xs: list[float]) -> float:
 
 def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1,
           batch_reference: bool = False) -> dict:
-    """Time one seed and, with seeds > 1, k seeds trained together, alternating epoch by epoch
-    so that both see the same machine (these machines are shared and noisy).
+    """Time one seed and, with seeds > 1, k seeds trained together, interleaved step by step so
+    that both see the same machine (these machines are shared and noisy).
 
     With `batch_reference`, also one seed on a k times larger batch and training set: the same
     arithmetic as k seeds in the same number of steps, but in k times larger matmuls, the best
@@ -81,8 +103,7 @@ def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1,
             runs.append(Timed(cfg.replace(seeds=[cfg.seeds[0]], batch_size=cfg.batch_size * seeds,
                                           train_samples=cfg.train_samples * seeds)))
     for i in range(warmup + epochs):
-        for r in runs:
-            r.step(record=i >= warmup)
+        interleaved_epoch(runs, record=i >= warmup)
     peak = max(peak, matmul_peak_gflops())  # the better of two reads, before and after
     one = runs[0]
     res = {
@@ -103,8 +124,8 @@ def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1,
             f"train_epoch_s_{seeds}_seeds_all": [round(x, 4) for x in k.train_s],
             f"eval_s_{seeds}_seeds": round(min(k.eval_s), 4),
             f"cost_ratio_{seeds}_seeds_vs_1": round(k.best / one.best, 3),
-            # Epoch i of k seeds against epoch i of one seed, run back to back: robust to the
-            # machine changing speed between rounds, which the ratio of the two bests is not.
+            # Epoch i of k seeds against epoch i of one seed, their steps interleaved: robust
+            # to the machine changing speed between epochs, which the ratio of the bests is not.
             f"cost_ratio_{seeds}_seeds_vs_1_paired_median": round(median(
                 [a / b for a, b in zip(k.train_s, one.train_s, strict=True)]), 3),
             f"mfu_{seeds}_seeds": round(k.gflop / k.best / peak, 4),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Generator
 from typing import Any
 
 import torch
@@ -132,6 +133,16 @@ class TrialRunner:
 
     def train_pass(self) -> list[dict[str, Any]]:
         """One optimisation pass over every member's training split; per-seed loss records."""
+        steps = self.train_steps()
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def train_steps(self) -> Generator[None, None, list[dict[str, Any]]]:
+        """`train_pass` one optimizer step at a time: yields after every step and returns the
+        per-seed records (the bench interleaves the steps of several runners with this)."""
         cfg, e = self.cfg, self.epoch
         temp, ent_w = temperature_at(cfg, e), entropy_weight_at(cfg, e)
         frozen = e < cfg.controller_warmup_epochs
@@ -164,6 +175,7 @@ class TrialRunner:
                 self.ctrl_opt.step()
             sums += parts
             n_batches += 1
+            yield
         means = (sums / n_batches).T.tolist()  # S rows of (total, rank, entropy)
         for seed, (total, _, _) in zip(self.seeds, means, strict=True):
             if not math.isfinite(total):

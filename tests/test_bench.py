@@ -62,3 +62,19 @@ def test_bad_counts_are_one_line_errors(run_bench, args, named):
 def test_bad_config_key_is_an_error(run_bench):
     rc, out, err = run_bench("--epochs", "1", "no_such_key=3")
     assert rc == 2 and out == "" and "no_such_key" in err
+
+
+def test_epochs_are_interleaved_step_by_step(tiny_cfg):
+    """Real runners: every optimizer step of one is followed by one of the other while both
+    have steps left; then the longer one finishes alone, and both are evaluated once."""
+    runs = [bench.Timed(tiny_cfg.replace(seeds=[1])),
+            bench.Timed(tiny_cfg.replace(seeds=[1, 2], train_samples=2 * tiny_cfg.train_samples))]
+    log: list[int] = []  # which run took each optimizer step, in order
+    for i, r in enumerate(runs):
+        steps = r.runner.train_steps
+        r.runner.train_steps = lambda steps=steps, i=i: (log.append(i) for _ in steps())
+    bench.interleaved_epoch(runs)
+    n0 = tiny_cfg.train_samples // tiny_cfg.batch_size
+    assert log[: 2 * n0] == [0, 1] * n0  # alternate while both have steps left
+    assert log[2 * n0:] == [1] * n0  # then the longer one alone
+    assert all(r.runner.epoch == 1 and len(r.train_s) == len(r.eval_s) == 1 for r in runs)
