@@ -52,6 +52,15 @@ def _split(S: int, device: torch.device, rows: int, d_in: int, d_out: int) -> in
     return S - S % T if T > 1 else S
 
 
+def _split_bmm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
+    """out[s] = a[s] @ b[s]: members [0, n) in one bmm, the rest one matmul each."""
+    if n:
+        torch.bmm(a[:n], b[:n], out=out[:n])
+    for s in range(n, a.shape[0]):
+        torch.mm(a[s], b[s], out=out[s])
+    return out
+
+
 class _EnsembleLinear(torch.autograd.Function):
     """y[s] = b[s] + x[s] @ W[s] for every member s, with the forward and both backward matmuls
     split as `_split` says, into preallocated outputs (no cat). b is (S, 1, M) or (S, N, M)."""
@@ -71,22 +80,12 @@ class _EnsembleLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
         x, w = ctx.saved_tensors
-        n, S = ctx.n, x.shape[0]
+        n = ctx.n
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = torch.empty_like(x)
-            wt = w.transpose(1, 2)
-            if n:
-                torch.bmm(gy[:n], wt[:n], out=gx[:n])
-            for s in range(n, S):
-                torch.mm(gy[s], wt[s], out=gx[s])
+            gx = _split_bmm(torch.empty_like(x), gy, w.transpose(1, 2), n)
         if ctx.needs_input_grad[1]:
-            gw = torch.empty_like(w)
-            xt = x.transpose(1, 2)
-            if n:
-                torch.bmm(xt[:n], gy[:n], out=gw[:n])
-            for s in range(n, S):
-                torch.mm(xt[s], gy[s], out=gw[s])
+            gw = _split_bmm(torch.empty_like(w), x.transpose(1, 2), gy, n)
         if ctx.needs_input_grad[2]:
             gb = gy.sum(1, keepdim=True) if ctx.broadcast_b else gy
         return gx, gw, gb, None
