@@ -52,10 +52,14 @@ def _uninterrupted(trial_dir: Path, epochs: int | None = None) -> list[dict]:
     from poh_tune.config import from_dict
     from poh_tune.trainer import TrialRunner
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the trial: one CPU per trial
-    cfg = from_dict(yaml.safe_load(open(trial_dir / "poh_trial.yaml"))["config"])
-    runner = TrialRunner(cfg, "cpu")
-    return [runner.run_epoch() for _ in range(epochs or cfg.epochs)]
+    try:
+        cfg = from_dict(yaml.safe_load(open(trial_dir / "poh_trial.yaml"))["config"])
+        runner = TrialRunner(cfg, "cpu")
+        return [runner.run_epoch() for _ in range(epochs or cfg.epochs)]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _matches_uninterrupted(row: dict) -> None:
