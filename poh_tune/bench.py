@@ -1,6 +1,6 @@
 """Time training epochs and a dev evaluation; report model FLOPs utilisation against this machine's own matmul peak.
 
-    python -m poh_tune.bench [--epochs N] [--warmup N] [--seeds K [--batch-reference]] [key=value ...]
+    python -m poh_tune.bench [--epochs N] [--warmup N] [--seeds K [--batch-reference] [--split-reference]] [key=value ...]
 
 MFU follows nanoGPT's accounting: analytic matmul FLOPs of the model (forward + 2x for backward)
 per second, divided by a peak that is measured here, in the same run, with the same threads.
@@ -9,12 +9,14 @@ per second, divided by a peak that is measured here, in the same run, with the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 
 import torch
 
+from poh_tune import model
 from poh_tune.config import ConfigError, load_config, parse_overrides
 from poh_tune.model import forward_flops
 from poh_tune.trainer import TrialRunner
@@ -37,8 +39,8 @@ def matmul_peak_gflops(n: int = PEAK_N, repeats: int = 5) -> float:
 class Timed:
     """A runner whose training passes and dev evaluations are timed; the fastest counts."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, split: bool = True):
+        self.cfg, self.split = cfg, split
         self.runner = TrialRunner(cfg, "cpu")
         self.train_s: list[float] = []
         self.eval_s: list[float] = []
@@ -46,10 +48,22 @@ class Timed:
             self.runner.model.cfg, cfg.train_samples, cfg.loss == "pointer_ce") / 1e9
 
     def evaluate(self, record: bool) -> None:
-        t = time.perf_counter()
-        self.runner.evaluate("dev", 1.0, diagnostics=self.cfg.diagnostics)
+        with self.matmuls():
+            t = time.perf_counter()
+            self.runner.evaluate("dev", 1.0, diagnostics=self.cfg.diagnostics)
+            elapsed = time.perf_counter() - t
         if record:
-            self.eval_s.append(time.perf_counter() - t)
+            self.eval_s.append(elapsed)
+
+    @contextlib.contextmanager
+    def matmuls(self):
+        """With split=False, the ensemble's CPU matmul split is off: every member in one bmm."""
+        saved = model.SPLIT_MIN_MACS
+        model.SPLIT_MIN_MACS = saved if self.split else 1 << 62
+        try:
+            yield
+        finally:
+            model.SPLIT_MIN_MACS = saved
 
     @property
     def best(self) -> float:
@@ -65,20 +79,17 @@ def interleaved_epoch(runs: list[Timed], record: bool = True) -> None:
     live = list(range(len(runs)))
     while live:
         for i in list(live):
-            t = time.perf_counter()
-            try:
-                next(steps[i])
-            except StopIteration:
-                live.remove(i)
-            spent[i] += time.perf_counter() - t
+            with runs[i].matmuls():
+                t = time.perf_counter()
+                try:
+                    next(steps[i])
+                except StopIteration:
+                    live.remove(i)
+                spent[i] += time.perf_counter() - t
     for r, s in zip(runs, spent, strict=True):
         if record:
             r.train_s.append(s)
         r.evaluate(record)
-
-    @property
-    def best(self) -> float:
-        return min(self.train_s)
 
 
 def median(xs: list[float]) -> float:
@@ -88,20 +99,26 @@ def median(xs: list[float]) -> float:
 
 
 def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1,
-          batch_reference: bool = False) -> dict:
+          batch_reference: bool = False, split_reference: bool = False) -> dict:
     """Time one seed and, with seeds > 1, k seeds trained together, interleaved step by step so
     that both see the same machine (these machines are shared and noisy).
 
     With `batch_reference`, also one seed on a k times larger batch and training set: the same
     arithmetic as k seeds in the same number of steps, but in k times larger matmuls, the best
-    that batching k seeds can hope for where the arithmetic is the limit."""
+    that batching k seeds can hope for where the arithmetic is the limit. With
+    `split_reference`, also k seeds with the CPU matmul split off (`poh_tune.model._split`)."""
     peak = matmul_peak_gflops()
     runs = [Timed(cfg.replace(seeds=[cfg.seeds[0]]))]
     if seeds > 1:
         runs.append(Timed(cfg.replace(seeds=list(range(1, seeds + 1)))))
+        extra = {}
         if batch_reference:
-            runs.append(Timed(cfg.replace(seeds=[cfg.seeds[0]], batch_size=cfg.batch_size * seeds,
-                                          train_samples=cfg.train_samples * seeds)))
+            extra["batch"] = Timed(cfg.replace(seeds=[cfg.seeds[0]],
+                                               batch_size=cfg.batch_size * seeds,
+                                               train_samples=cfg.train_samples * seeds))
+        if split_reference:
+            extra["bmm"] = Timed(cfg.replace(seeds=list(range(1, seeds + 1))), split=False)
+        runs += extra.values()
     for i in range(warmup + epochs):
         interleaved_epoch(runs, record=i >= warmup)
     peak = max(peak, matmul_peak_gflops())  # the better of two reads, before and after
@@ -130,8 +147,16 @@ def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1,
                 [a / b for a, b in zip(k.train_s, one.train_s, strict=True)]), 3),
             f"mfu_{seeds}_seeds": round(k.gflop / k.best / peak, 4),
         })
-        if batch_reference:
-            ref = runs[2]
+        if "bmm" in extra:
+            ref = extra["bmm"]
+            res.update({
+                f"train_epoch_s_{seeds}_seeds_bmm": round(ref.best, 4),
+                f"split_speedup_{seeds}_seeds": round(ref.best / k.best, 3),
+                f"split_speedup_{seeds}_seeds_paired_median": round(median(
+                    [a / b for a, b in zip(ref.train_s, k.train_s, strict=True)]), 3),
+            })
+        if "batch" in extra:
+            ref = extra["batch"]
             res.update({
                 f"train_epoch_s_1_seed_{seeds}x_batch": round(ref.best, 4),
                 f"cost_ratio_1_seed_{seeds}x_batch_vs_1": round(ref.best / one.best, 3),
@@ -181,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time k seeds trained together and compare with one seed")
     ap.add_argument("--batch-reference", action="store_true",
                     help="with --seeds k: also one seed on a k times larger batch (same FLOPs)")
+    ap.add_argument("--split-reference", action="store_true",
+                    help="with --seeds k: also k seeds with the CPU matmul split off")
     ap.add_argument("--estimate-grid", nargs="?", const="", default=None, metavar="SPACE",
                     help="estimate the wall time of a grid space here (default: the document's)")
     ap.add_argument("--experiment", action="append", default=None,
@@ -206,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --seeds and --epochs must be >= 1 and --warmup >= 0; got --seeds "
               f"{args.seeds} --epochs {args.epochs} --warmup {args.warmup}", file=sys.stderr)
         return 2
-    print(json.dumps(bench(cfg, args.epochs, args.warmup, args.seeds, args.batch_reference)))
+    print(json.dumps(bench(cfg, args.epochs, args.warmup, args.seeds, args.batch_reference,
+                           args.split_reference)))
     return 0
 
 
