@@ -39,8 +39,8 @@ def matmul_peak_gflops(n: int = PEAK_N, repeats: int = 5) -> float:
 class Timed:
     """A runner whose training passes and dev evaluations are timed; the fastest counts."""
 
-    def __init__(self, cfg, split: bool = True):
-        self.cfg, self.split = cfg, split
+    def __init__(self, cfg, name: str = "", split: bool = True):
+        self.cfg, self.name, self.split = cfg, name, split
         self.runner = TrialRunner(cfg, "cpu")
         self.train_s: list[float] = []
         self.eval_s: list[float] = []
@@ -108,19 +108,26 @@ def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1,
     that batching k seeds can hope for where the arithmetic is the limit. With
     `split_reference`, also k seeds with the CPU matmul split off (`poh_tune.model._split`)."""
     peak = matmul_peak_gflops()
-    runs = [Timed(cfg.replace(seeds=[cfg.seeds[0]]))]
+    runs = [Timed(cfg.replace(seeds=[cfg.seeds[0]]), "1 seed")]
+    extra: dict[str, Timed] = {}
     if seeds > 1:
-        runs.append(Timed(cfg.replace(seeds=list(range(1, seeds + 1)))))
-        extra = {}
+        runs.append(Timed(cfg.replace(seeds=list(range(1, seeds + 1))), f"{seeds} seeds"))
         if batch_reference:
             extra["batch"] = Timed(cfg.replace(seeds=[cfg.seeds[0]],
                                                batch_size=cfg.batch_size * seeds,
-                                               train_samples=cfg.train_samples * seeds))
+                                               train_samples=cfg.train_samples * seeds),
+                                   f"1 seed, {seeds}x batch")
         if split_reference:
-            extra["bmm"] = Timed(cfg.replace(seeds=list(range(1, seeds + 1))), split=False)
+            extra["bmm"] = Timed(cfg.replace(seeds=list(range(1, seeds + 1))),
+                                 f"{seeds} seeds, no split", split=False)
         runs += extra.values()
     for i in range(warmup + epochs):
+        t = time.perf_counter()
         interleaved_epoch(runs, record=i >= warmup)
+        what = "warm-up" if i < warmup else f"epoch {i - warmup + 1}/{epochs}"
+        times = ", ".join(f"{r.name} {r.train_s[-1]:.2f} s" for r in runs if i >= warmup)
+        print(f"bench: {what} done in {time.perf_counter() - t:.1f} s" + (f": {times}" if times
+              else ""), file=sys.stderr, flush=True)
     peak = max(peak, matmul_peak_gflops())  # the better of two reads, before and after
     one = runs[0]
     res = {

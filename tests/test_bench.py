@@ -23,10 +23,15 @@ def run_bench(capsys, tiny_cfg):
 
 
 def test_seeds_side_by_side_with_the_batch_reference(run_bench):
-    rc, out, _ = run_bench("--epochs", "3", "--warmup", "0", "--seeds", "3",
-                           "--batch-reference")
+    rc, out, err = run_bench("--epochs", "3", "--warmup", "0", "--seeds", "3",
+                             "--batch-reference")
     assert rc == 0
     res = json.loads(out)
+    progress = err.splitlines()  # one line per epoch while it runs, every run's time in it
+    assert [line.split(" done")[0] for line in progress] == [
+        f"bench: epoch {i}/3" for i in (1, 2, 3)]
+    assert all("1 seed " in line and "3 seeds " in line and "3x batch" in line
+               for line in progress)
     one, three = res["train_epoch_s_all"], res["train_epoch_s_3_seeds_all"]
     assert len(one) == len(three) == 3
     assert res["train_epoch_s"] == min(one) and res["train_epoch_s_3_seeds"] == min(three)
