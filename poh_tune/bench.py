@@ -92,8 +92,10 @@ def interleaved_epoch(runs: list[Timed], record: bool = True) -> None:
         r.evaluate(record)
 
 
-def median(xs: list[float]) -> float:
-    xs = sorted(xs)
+def paired_median(num: list[float], den: list[float]) -> float:
+    """Median over epochs of num[i] / den[i], epochs whose steps were interleaved: robust to the
+    machine changing speed between epochs, which the ratio of the bests is not."""
+    xs = sorted(a / b for a, b in zip(num, den, strict=True))
     mid = len(xs) // 2
     return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
 
@@ -148,10 +150,8 @@ def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1,
             f"train_epoch_s_{seeds}_seeds_all": [round(x, 4) for x in k.train_s],
             f"eval_s_{seeds}_seeds": round(min(k.eval_s), 4),
             f"cost_ratio_{seeds}_seeds_vs_1": round(k.best / one.best, 3),
-            # Epoch i of k seeds against epoch i of one seed, their steps interleaved: robust
-            # to the machine changing speed between epochs, which the ratio of the bests is not.
-            f"cost_ratio_{seeds}_seeds_vs_1_paired_median": round(median(
-                [a / b for a, b in zip(k.train_s, one.train_s, strict=True)]), 3),
+            f"cost_ratio_{seeds}_seeds_vs_1_paired_median": round(
+                paired_median(k.train_s, one.train_s), 3),
             f"mfu_{seeds}_seeds": round(k.gflop / k.best / peak, 4),
         })
         if "bmm" in extra:
@@ -159,8 +159,8 @@ def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1,
             res.update({
                 f"train_epoch_s_{seeds}_seeds_bmm": round(ref.best, 4),
                 f"split_speedup_{seeds}_seeds": round(ref.best / k.best, 3),
-                f"split_speedup_{seeds}_seeds_paired_median": round(median(
-                    [a / b for a, b in zip(ref.train_s, k.train_s, strict=True)]), 3),
+                f"split_speedup_{seeds}_seeds_paired_median": round(
+                    paired_median(ref.train_s, k.train_s), 3),
             })
         if "batch" in extra:
             ref = extra["batch"]
