@@ -20,3 +20,14 @@ TINY = dict(array_len=8, mask_rate=0.5, train_samples=64, dev_samples=32, test_s
 @pytest.fixture
 def tiny_cfg() -> TrialConfig:
     return TrialConfig(**TINY)
+
+
+@pytest.fixture
+def two_torch_threads():
+    """torch on 2 intra-op threads for the test (the CPU matmul split's case), restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)

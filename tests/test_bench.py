@@ -94,25 +94,21 @@ def test_epochs_are_interleaved_step_by_step(tiny_cfg):
     assert all(r.runner.epoch == 1 and len(r.train_s) == len(r.eval_s) == 1 for r in runs)
 
 
-def test_split_reference_turns_the_cpu_split_off_only_inside_its_steps(run_bench):
+def test_split_reference_turns_the_cpu_split_off_only_inside_its_steps(run_bench,
+                                                                      two_torch_threads):
     import torch
 
     from poh_tune import model
 
     threshold = model.SPLIT_MIN_MACS
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        big = (5, torch.device("cpu"), 640, 128, 384)
-        on, off = bench.Timed.__new__(bench.Timed), bench.Timed.__new__(bench.Timed)
-        on.split, off.split = True, False
-        with on.matmuls():
-            assert model._split(*big) == 4  # 4 members through bmm, 1 alone
-        with off.matmuls():
-            assert model._split(*big) == 5  # every member through one bmm
-        assert model._split(*big) == 4  # restored
-    finally:
-        torch.set_num_threads(threads)
+    big = (5, torch.device("cpu"), 640, 128, 384)
+    on, off = bench.Timed.__new__(bench.Timed), bench.Timed.__new__(bench.Timed)
+    on.split, off.split = True, False
+    with on.matmuls():
+        assert model._split(*big) == 4  # 4 members through bmm, 1 alone
+    with off.matmuls():
+        assert model._split(*big) == 5  # every member through one bmm
+    assert model._split(*big) == 4  # restored
     rc, out, _ = run_bench("--epochs", "2", "--warmup", "0", "--seeds", "2", "--split-reference")
     res = json.loads(out)
     assert rc == 0 and len(res["train_epoch_s_2_seeds_all"]) == 2

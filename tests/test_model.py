@@ -47,27 +47,23 @@ def test_routed_attention_equals_a_per_head_loop():
 
 @pytest.mark.parametrize("S", [1, 2, 3, 5])
 @pytest.mark.parametrize("full_base", [False, True])
-def test_ensemble_matmul_equals_a_per_member_loop_with_gradients(S, full_base, monkeypatch):
+def test_ensemble_matmul_equals_a_per_member_loop_with_gradients(S, full_base, monkeypatch,
+                                                                 two_torch_threads):
     """On 2 CPU threads, 3 and 5 members take the split path (whole rounds through bmm, the rest
     one at a time); its output and all three gradients must equal plain per-member matmuls."""
     import poh_tune.model
 
     monkeypatch.setattr(poh_tune.model, "SPLIT_MIN_MACS", 0)  # split even these tiny matmuls
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        assert (_split(S, torch.device("cpu"), 7, 6, 4) < S) == (S % 2 == 1 and S > 1)
-        g = torch.Generator().manual_seed(S)
-        x = torch.randn(S, 7, 6, generator=g, requires_grad=True)
-        w = torch.randn(S, 10, 4, generator=g)[:, 2:8].requires_grad_()  # a strided slice
-        b = torch.randn(S, 7 if full_base else 1, 4, generator=g, requires_grad=True)
-        gy = torch.randn(S, 7, 4, generator=g)
-        y = ebaddmm(b, x, w)
-        grads = torch.autograd.grad(y, (x, w, b), gy)
-        ref = torch.stack([b[s] + x[s] @ w[s] for s in range(S)])  # one member at a time
-        ref_grads = torch.autograd.grad(ref, (x, w, b), gy)
-    finally:
-        torch.set_num_threads(threads)
+    assert (_split(S, torch.device("cpu"), 7, 6, 4) < S) == (S % 2 == 1 and S > 1)
+    g = torch.Generator().manual_seed(S)
+    x = torch.randn(S, 7, 6, generator=g, requires_grad=True)
+    w = torch.randn(S, 10, 4, generator=g)[:, 2:8].requires_grad_()  # a strided slice
+    b = torch.randn(S, 7 if full_base else 1, 4, generator=g, requires_grad=True)
+    gy = torch.randn(S, 7, 4, generator=g)
+    y = ebaddmm(b, x, w)
+    grads = torch.autograd.grad(y, (x, w, b), gy)
+    ref = torch.stack([b[s] + x[s] @ w[s] for s in range(S)])  # one member at a time
+    ref_grads = torch.autograd.grad(ref, (x, w, b), gy)
     assert torch.allclose(y, ref, atol=1e-5)
     for got, want in zip(grads, ref_grads, strict=True):
         assert got.shape == want.shape
