@@ -195,6 +195,13 @@ def from_dict(d: dict[str, Any]) -> TrialConfig:
     if cfg.temperature_min > cfg.temperature_init:
         raise ConfigError(f"temperature_min={cfg.temperature_min}: must be <= "
                           f"temperature_init={cfg.temperature_init}")
+    if cfg.model == "pot" and cfg.grad_mode == "last" and cfg.deep_supervision == "none":
+        # Under "last" the encoder's output enters only iteration 0, and "none" gives that
+        # iteration's loss weight 0: the encoder and embeddings would never learn.
+        raise ConfigError("grad_mode='last' with deep_supervision='none': the encoder would get "
+                          "no gradient (its output reaches only iteration 0, which 'none' does "
+                          "not supervise); use deep_supervision=uniform or linear, or "
+                          "grad_mode=full")
     return cfg
 
 

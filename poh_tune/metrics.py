@@ -55,6 +55,25 @@ def routing_stats(alpha: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+# Routing health band of the document: flag (never fail) a trial whose routing leaves it.
+HERFINDAHL_MAX = 0.5
+MAX_ALPHA_BAND = (0.3, 0.6)
+
+
+def routing_healthy(herfindahl: list[float], max_alpha: list[float]) -> bool:
+    """The one rule for routing health: every seed inside the document's band.
+
+    A trial is flagged when any one seed's routing collapses; the seed means could sit inside
+    the band while one seed is outside it.
+
+    Args:
+        herfindahl: mean Herfindahl index of α, one value per seed.
+        max_alpha: mean max α, one value per seed.
+    """
+    return all(h < HERFINDAHL_MAX and MAX_ALPHA_BAND[0] <= m <= MAX_ALPHA_BAND[1]
+               for h, m in zip(herfindahl, max_alpha, strict=True))
+
+
 def t_quantile_975(df: int) -> float:
     """Two-sided 95 % quantile of Student's t with `df` degrees of freedom."""
     from scipy import stats

@@ -195,8 +195,10 @@ class HRMCarry:
     z_H_proj: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def detach(self) -> HRMCarry:
-        proj = None if self.z_H_proj is None else tuple(p.detach() for p in self.z_H_proj)
-        return HRMCarry(self.z_L.detach(), self.z_H.detach(), proj)
+        # The cache is dropped, not detached: z_H_proj holds the router's and the fast cell's
+        # z_H weights and biases, which must still learn from the next iteration's loss. The
+        # next step recomputes it from the detached z_H.
+        return HRMCarry(self.z_L.detach(), self.z_H.detach(), None)
 
 
 class HRMController(nn.Module):

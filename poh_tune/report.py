@@ -21,8 +21,7 @@ from scipy import stats
 from poh_tune.config import ConfigError, read_yaml
 from poh_tune.data import VALUE_HIGH, VALUE_LOW, n_visible
 from poh_tune.io import atomic_write_bytes, atomic_write_text, read_metrics
-from poh_tune.metrics import mean_ci95
-from poh_tune.trainer import HERFINDAHL_MAX, MAX_ALPHA_BAND, routing_healthy
+from poh_tune.metrics import HERFINDAHL_MAX, MAX_ALPHA_BAND, mean_ci95
 
 TASK_KEYS = ("array_len", "mask_rate", "train_samples")  # a PoH config is compared within its task
 # Settings a baseline (one pass, no PoH block, no controller) does not use: left out of its label
@@ -45,6 +44,7 @@ STAT_KEYS = {
     "test_tau_all": "test all-pairs τ",
     "test_perfect_sort": "test perfect-sort rate",
 }
+ALPHA = 0.05  # significance level of the report's statements, after Holm's correction
 FIG_DPI = 100
 FIG_SIZE_IN = (8.0, 5.0)  # the heatmap: 800 x 500 pixels
 PANEL_SIZE_IN = (5.0, 3.6)  # one panel of a line plot: 500 x 360 pixels
@@ -265,6 +265,38 @@ def paired_p(pot: Trial, base: Trial, stat: str) -> float:
     return float(stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue)
 
 
+def holm(pvals: list[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (nan entries stay nan, not counted).
+
+    Args:
+        pvals: the p-values of the family's comparisons.
+    Returns:
+        The adjusted p-values, in the same order (each at most 1).
+    """
+    idx = sorted((i for i, p in enumerate(pvals) if not math.isnan(p)), key=lambda i: pvals[i])
+    out = [math.nan] * len(pvals)
+    running = 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (len(idx) - rank) * pvals[i]))
+        out[i] = running
+    return out
+
+
+def pot_pairs(trials: list[Trial], stat: str = "test_tau") -> list[tuple[Trial, Trial, float, float]]:
+    """Every pair of PoH configurations of the same task with their paired p and Holm's p.
+
+    Args:
+        trials: the experiment's trials.
+        stat: the per-seed statistic compared.
+    Returns:
+        (a, b, paired p, Holm-adjusted p) per pair; one family per experiment.
+    """
+    pots = [t for t in trials if t.is_pot and t.rows]
+    pairs = [(a, b) for i, a in enumerate(pots) for b in pots[i + 1:] if a.task() == b.task()]
+    ps = [paired_p(a, b, stat) for a, b in pairs]
+    return [(a, b, p, q) for (a, b), p, q in zip(pairs, ps, holm(ps), strict=True)]
+
+
 def match_baseline(trial: Trial, baselines: list[Trial]) -> Trial | None:
     """The baseline of the same task (TASK_KEYS) sharing the most other settings.
 
@@ -354,6 +386,23 @@ def _oracle_exact(array_len: int, mask_rate: float, value_low: int, value_high: 
     return float((k * (k - 1) / 2 + (L - k) * k * gain) / pairs)
 
 
+def visible_in_range(values, obs_mask, value_low: int, value_high: int):
+    """(n, N) bool: which values of [value_low, value_high) are visible in each sample.
+
+    Hidden positions write to a spare last column that is dropped, so they never touch the
+    slot of a real value.
+
+    Args:
+        values: (n, L) long values; obs_mask: (n, L) bool.
+    """
+    import torch
+
+    N = value_high - value_low
+    present = torch.zeros(values.shape[0], N + 1, dtype=torch.bool)
+    present.scatter_(1, (values - value_low).masked_fill(~obs_mask, N), True)
+    return present[:, :N]
+
+
 def _oracle_mc(array_len: int, mask_rate: float, n_samples: int, seed: int,
                value_low: int, value_high: int) -> float:
     import torch
@@ -365,8 +414,7 @@ def _oracle_mc(array_len: int, mask_rate: float, n_samples: int, seed: int,
         raise ValueError("the Monte Carlo oracle uses the task's own value range")
     d = make_split(n_samples, array_len, mask_rate, seed)
     grid = torch.arange(value_low, value_high).expand(n_samples, -1)  # (n, N)
-    present = torch.zeros_like(grid, dtype=torch.bool)
-    present.scatter_(1, (d.values - value_low).masked_fill(~d.obs_mask, 0), d.obs_mask)
+    present = visible_in_range(d.values, d.obs_mask, value_low, value_high)
     # Candidates sorted ascending, visible values pushed past the end.
     cand = torch.where(present, torch.tensor(10**6), grid).sort(dim=1).values.float()
     c = value_high - value_low - n_visible(array_len, mask_rate)
@@ -456,14 +504,18 @@ def routing_row(trial: Trial) -> dict[str, Any] | None:
         {"herfindahl", "max_alpha", "healthy", "unhealthy_epochs", "epochs"}, or None for a
         baseline or a trial without routing diagnostics.
     """
-    rows = [r for r in trial.rows if isinstance(r.get("herfindahl"), (int, float))]
+    # The trainer records each epoch's verdict (metrics.routing_healthy: every seed in the band);
+    # it is read here, not recomputed from the seed means, which can sit inside the band while
+    # one seed is outside it.
+    rows = [r for r in trial.rows if isinstance(r.get("herfindahl"), (int, float))
+            and "routing_healthy" in r]
     if not trial.is_pot or not rows:
         return None
     last = rows[-1]
-    bad = sum(1 for r in rows if not routing_healthy(r["herfindahl"], r["max_alpha"]))
+    bad = sum(1 for r in rows if not _truthy(r["routing_healthy"]))
     return {"herfindahl": float(last["herfindahl"]), "max_alpha": float(last["max_alpha"]),
-            "healthy": routing_healthy(last["herfindahl"], last["max_alpha"]),
-            "unhealthy_epochs": bad, "epochs": len(rows)}
+            "healthy": _truthy(last["routing_healthy"]), "unhealthy_epochs": bad,
+            "epochs": len(rows)}
 
 
 # --- plots ----------------------------------------------------------------------------------------
@@ -743,6 +795,29 @@ def _sweep_sections(exp: Experiment, labels: dict[str, str]) -> list[str]:
     return lines
 
 
+def _pot_vs_pot_lines(trials: list[Trial], labels: dict[str, str]) -> list[str]:
+    """Do the PoH configurations differ from each other? Said plainly, Holm-corrected."""
+    pairs = [p for p in pot_pairs(trials) if not math.isnan(p[3])]
+    if not pairs:
+        return []
+    sig = [(a, b, q) for a, b, _, q in pairs if q < ALPHA]
+    means = {t.trial_id: trial_stat(t, "test_tau").mean for a, b, _, _ in pairs for t in (a, b)}
+    lo, hi = min(means.values()), max(means.values())
+    L = ["### Between PoH configurations", "",
+         f"{len(means)} PoH configurations, {len(pairs)} pairs compared on "
+         f"{STAT_KEYS['test_tau']} (paired t-test over shared seeds, Holm-adjusted over all "
+         f"pairs); their means span {lo:.3f}-{hi:.3f}."]
+    if not sig:
+        L += [f"No two PoH configurations differ significantly (every Holm-adjusted p >= {ALPHA}).",
+              ""]
+        return L
+    L += [f"{len(sig)} pairs differ (Holm-adjusted p < {ALPHA}):", ""]
+    L += _table(["configuration", "configuration", "Δ test τ", "paired p, Holm"],
+                [[labels[a.trial_id], labels[b.trial_id],
+                  _num(means[a.trial_id] - means[b.trial_id]), _p(q)] for a, b, q in sig])
+    return L
+
+
 def render_markdown(exp: Experiment, summary: pd.DataFrame, plots: dict[str, Path | None]) -> str:
     """The text of report.md.
 
@@ -799,30 +874,47 @@ def render_markdown(exp: Experiment, summary: pd.DataFrame, plots: dict[str, Pat
     L += ["## A/B: PoH against the baseline of the same task", ""]
     pots = [t for t in exp.trials if t.is_pot]
     ab_rows, band_rows = [], []
+    abs_of: dict[str, list[ABResult]] = {"test_tau": [], "test_tau_all": []}
     for t in pots:
         bid = summary.loc[summary.trial_id == t.trial_id, "baseline_trial_id"].iloc[0]
         if bid is None or (isinstance(bid, float) and math.isnan(bid)):
-            ab_rows.append([labels[t.trial_id], "no baseline of this task", *["n/a"] * 7])
+            ab_rows.append([labels[t.trial_id], "no baseline of this task", *["n/a"] * 8])
             continue
-        base = by_id[bid]
-        for stat in ("test_tau", "test_tau_all"):
-            ab = ab_compare(t, base, stat)
-            ab_rows.append([labels[t.trial_id], labels[bid], STAT_KEYS[stat], _fmt(ab.pot_stat),
+        for stat in abs_of:
+            abs_of[stat].append(ab_compare(t, by_id[bid], stat))
+    # Holm over each metric's family of PoH-vs-baseline comparisons: many configurations
+    # compared with one baseline would otherwise find "significant" gains by chance.
+    holm_of = {stat: holm([ab.p_paired for ab in abl]) for stat, abl in abs_of.items()}
+    for i, ab_tau in enumerate(abs_of["test_tau"]):
+        for stat in abs_of:
+            ab, q = abs_of[stat][i], holm_of[stat][i]
+            pid, bid = ab_tau.pot.trial_id, ab_tau.base.trial_id
+            ab_rows.append([labels[pid], labels[bid], STAT_KEYS[stat], _fmt(ab.pot_stat),
                             _fmt(ab.base_stat), _num(ab.delta), _num(ab.rel, pct=True), _p(ab.p),
-                            _p(ab.p_paired)])
+                            _p(ab.p_paired), _p(q)])
             met = band_status(ab.base_stat.mean, ab.pot_stat.mean, ab.rel)
             known = not math.isnan(ab.delta)
-            band_rows.append([labels[t.trial_id], STAT_KEYS[stat],
+            band_rows.append([labels[pid], STAT_KEYS[stat],
                               *(("met" if met[b] else "not met") if known else "n/a"
                                 for b in BANDS)])
     if pots:
         L += _table(["PoH configuration", "baseline", "metric", "PoH", "baseline", "Δ", "relative Δ",
-                     "Welch p", "paired p"], ab_rows)
+                     "Welch p", "paired p", "paired p, Holm"], ab_rows)
     else:
         L += ["No PoH configuration in this experiment.", ""]
     L += ["Welch's t-test (unequal variances) over seeds, two-sided; n/a with fewer than two seeds "
           "a side. Paired: the t-test of per-seed differences over the seeds both ran (a seed "
-          "fixes the data splits, so this removes split-to-split variance).", ""]
+          "fixes the data splits, so this removes split-to-split variance). Holm: the paired p "
+          "adjusted for the number of PoH configurations compared with a baseline (per metric).",
+          ""]
+    for stat in abs_of:
+        tested = [q for q in holm_of[stat] if not math.isnan(q)]
+        if tested:
+            sig = sum(q < ALPHA for q in tested)
+            L += [f"- {STAT_KEYS[stat]}: {sig} of {len(tested)} PoH configurations differ from "
+                  f"their baseline (Holm-adjusted paired p < {ALPHA})."]
+    L += [""]
+    L += _pot_vs_pot_lines(exp.trials, labels)
     if band_rows:
         L += ["### The document's success bands", ""]
         L += [", ".join(f"{n}: τ(baseline) > {b}, τ(HRM) > {h}, gain ≥ +{100 * r:.0f} %"
@@ -842,7 +934,9 @@ def render_markdown(exp: Experiment, summary: pd.DataFrame, plots: dict[str, Pat
                       flag, f"{rr['unhealthy_epochs']}/{rr['epochs']}"])
     if rrows:
         L += [f"Healthy band of the document: Herfindahl < {HERFINDAHL_MAX}, mean max α in "
-              f"{MAX_ALPHA_BAND[0]}-{MAX_ALPHA_BAND[1]} (means over seeds, last epoch).", ""]
+              f"{MAX_ALPHA_BAND[0]}-{MAX_ALPHA_BAND[1]}. A configuration is flagged when any of "
+              "its seeds leaves the band; the values shown are means over seeds, last epoch.",
+              ""]
         L += _table(["PoH configuration", "Herfindahl", "mean max α", "last epoch",
                      "epochs outside the band"], rrows)
     else:

@@ -12,12 +12,16 @@ import torch
 from poh_tune import losses
 from poh_tune.config import TrialConfig
 from poh_tune.data import SortData, make_splits
-from poh_tune.metrics import kendall_tau, mean_ci95, ranks_from_scores, routing_stats, sort_accuracy
+from poh_tune.metrics import (
+    kendall_tau,
+    mean_ci95,
+    ranks_from_scores,
+    routing_healthy,
+    routing_stats,
+    sort_accuracy,
+)
 from poh_tune.model import ModelConfig, PoHSorter
 
-# Routing health band of the document: flag (never fail) a trial whose routing leaves it.
-HERFINDAHL_MAX = 0.5
-MAX_ALPHA_BAND = (0.3, 0.6)
 # Tokens per evaluation chunk, over all members: a chunk's activations stay in cache, so five
 # members evaluate in chunks of a fifth as many samples (measured: about 6 % faster at 5 members).
 EVAL_TOKENS = 16384
@@ -39,10 +43,6 @@ def entropy_weight_at(cfg: TrialConfig, epoch: int) -> float:
 
 def model_config(cfg: TrialConfig) -> ModelConfig:
     return ModelConfig(**cfg.model_part())
-
-
-def routing_healthy(herfindahl: float, max_alpha: float) -> bool:
-    return herfindahl < HERFINDAHL_MAX and MAX_ALPHA_BAND[0] <= max_alpha <= MAX_ALPHA_BAND[1]
 
 
 def stack_seeds(cfg: TrialConfig, device: torch.device) -> dict[str, SortData]:
@@ -234,10 +234,14 @@ class TrialRunner:
             if pointer:  # greedy decoding of every iteration in one batched loop over ranks
                 h = out.hidden.transpose(0, 1).reshape(S, T * n, L, -1)  # members first
                 pred = self.model.pointer.greedy_ranks(h).view(S, T, n, L).transpose(0, 1)
+                order = pred  # the decoder's output is a permutation: it has no ties
             else:
                 pred = ranks_from_scores(out.scores)  # (T, S, n, L)
-            last = pred[-1]
-            acc, perfect = sort_accuracy(last, ranks)
+                # τ reads the scores themselves, so tied scores are ties (SPEC), not ordered by
+                # position as the stable argsort of `pred` would order them.
+                order = out.scores
+            last = order[-1]
+            acc, perfect = sort_accuracy(pred[-1], ranks)
             add("tau", kendall_tau(last.reshape(-1, L), ranks.reshape(-1, L),
                                    mask.reshape(-1, L)).view(S, n))
             add("tau_all", kendall_tau(last.reshape(-1, L), ranks.reshape(-1, L)).view(S, n))
@@ -246,7 +250,7 @@ class TrialRunner:
             if diagnostics:
                 ranks_T = ranks.expand(T, S, n, L).reshape(-1, L)
                 mask_T = mask.expand(T, S, n, L).reshape(-1, L)
-                add("tau_iter", kendall_tau(pred.reshape(-1, L), ranks_T, mask_T).view(T, S, n))
+                add("tau_iter", kendall_tau(order.reshape(-1, L), ranks_T, mask_T).view(T, S, n))
                 if out.alphas is not None:
                     st = routing_stats(out.alphas)  # each (T, S, n, L)
                     add("entropy_iter", st["entropy"].mean(-1))  # (T, S)
@@ -267,7 +271,7 @@ class TrialRunner:
                     res[s][key] = v[s].item()
         for r in res:
             if "herfindahl" in r:
-                r["routing_healthy"] = routing_healthy(r["herfindahl"], r["max_alpha"])
+                r["routing_healthy"] = routing_healthy([r["herfindahl"]], [r["max_alpha"]])
         return res
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -299,7 +303,10 @@ def aggregate(per_seed: list[dict[str, Any]], seeds: list[int] | tuple[int, ...]
     out: dict[str, Any] = {}
     for k, v0 in per_seed[0].items():
         vals = [m[k] for m in per_seed]
-        if isinstance(v0, bool):
+        if k == "routing_healthy":  # metrics.routing_healthy over the seeds: every seed in band
+            out[k] = routing_healthy([m["herfindahl"] for m in per_seed],
+                                     [m["max_alpha"] for m in per_seed])
+        elif isinstance(v0, bool):
             out[k] = all(vals)
         elif isinstance(v0, (int, float)):
             out[k] = sum(vals) / len(vals)

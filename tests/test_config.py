@@ -65,3 +65,14 @@ def test_yaml_file_errors_name_the_file(tmp_path):
 def test_frozen():
     with pytest.raises(AttributeError):
         TrialConfig().epochs = 3  # type: ignore[misc]
+
+
+def test_truncated_gradient_without_deep_supervision_is_refused():
+    """grad_mode=last detaches the encoder's output after iteration 0, and deep_supervision=none
+    gives iteration 0 no loss: the encoder could never learn, so the pair is an error."""
+    with pytest.raises(ConfigError) as e:
+        from_dict({"grad_mode": "last", "deep_supervision": "none"})
+    assert "grad_mode='last'" in str(e.value) and "deep_supervision='none'" in str(e.value)
+    from_dict({"grad_mode": "last", "deep_supervision": "uniform"})  # iteration 0 is supervised
+    from_dict({"grad_mode": "full", "deep_supervision": "none"})  # gradient reaches the encoder
+    from_dict({"model": "baseline", "grad_mode": "last", "deep_supervision": "none"})  # one pass

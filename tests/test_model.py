@@ -238,3 +238,50 @@ def test_forward_flops_equals_the_matmuls_torch_counts(kw):
     blocks = 1 + (cfg.max_inner_iters if cfg.model == "pot" else 0)
     attention = blocks * B * 4 * L * L * cfg.d_model
     assert counter.get_total_flops() + attention == forward_flops(cfg, B, pointer=True)
+
+
+def reference_forward(m: PoHSorter, x, obs, temperature=1.0):
+    """PoH forward written out without the controller's z_H cache: the fast cell reads
+    [u, z_H] and the router [z_L, z_H] through their full weights, every iteration."""
+    cfg, ctrl = m.cfg, m.controller
+    z = m.encode(x, obs)
+    S, B, L, _ = z.shape
+    z_L = ctrl.z_L0.expand(S, B * L, -1)
+    z_H = ctrl.z_H0.expand(S, B * L, -1)
+    scores = []
+    for t in range(cfg.max_inner_iters):
+        if t > 0 and cfg.grad_mode == "last":
+            z, z_L, z_H = z.detach(), z_L.detach(), z_H.detach()
+        u = ctrl.inp(z).reshape(S, B * L, -1)
+        z_L = ctrl.cell_L(torch.cat([u, z_H], -1), z_L)
+        if t % ctrl.period == 0:
+            z_H = ctrl.cell_H(z_L, z_H)
+        logits = ctrl.router(torch.cat([z_L, z_H], -1)).view(S, B, L, -1)
+        z = m.block(z, torch.softmax(logits / temperature, -1))
+        scores.append(m.score_head(z).squeeze(-1))
+    return torch.stack(scores)
+
+
+@pytest.mark.parametrize("grad_mode", ["full", "last"])
+@pytest.mark.parametrize("t_loss", [1, 2, 5])  # iterations that do not update z_H (period 3)
+def test_hrm_cache_gives_the_uncached_gradients(grad_mode, t_loss):
+    """A loss on one non-period iteration: the router's and fast cell's z_H weights and biases
+    get the gradient of the plain formulas (grad_mode=last once starved them: the cache was
+    detached with the state)."""
+    m = small_model(grad_mode=grad_mode)
+    x, obs = inputs()
+    ctrl = m.controller
+    params = {"router.weight": ctrl.router.weight, "router.bias": ctrl.router.bias,
+              "cell_L.ih.weight": ctrl.cell_L.ih.weight, "cell_L.ih.bias": ctrl.cell_L.ih.bias,
+              "cell_H.ih.weight": ctrl.cell_H.ih.weight}
+    got = torch.autograd.grad(m(x, obs).scores[t_loss].pow(2).sum(), list(params.values()),
+                              allow_unused=True)
+    ref = torch.autograd.grad(reference_forward(m, x, obs)[t_loss].pow(2).sum(),
+                              list(params.values()), allow_unused=True)
+    for (name, p), g, r in zip(params.items(), got, ref, strict=True):
+        g = torch.zeros_like(p) if g is None else g
+        r = torch.zeros_like(p) if r is None else r
+        # cell_H does not reach a non-period iteration's loss under grad_mode=last
+        reaches = not (name.startswith("cell_H") and grad_mode == "last")
+        assert (r.abs().sum() > 0) == reaches, name
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6, msg=name)

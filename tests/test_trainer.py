@@ -191,3 +191,18 @@ def test_learns_the_spec_task_within_ten_epochs(model):
     while not r.done and (not taus or max(taus) < 0.90):
         taus.append(r.run_epoch()["tau"])
     assert max(taus) >= 0.90, taus
+
+
+@pytest.mark.parametrize("split", ["dev", "test"])
+def test_a_collapsed_model_scores_tau_zero(tiny_cfg, split):
+    """Equal scores everywhere are ties: τ is exactly 0 (SPEC), not the noise of ordering tied
+    scores by position; exact-position accuracy still reads the (stable) ranks."""
+    runner = TrialRunner(tiny_cfg.replace(dev_samples=200, test_samples=200), "cpu")
+    with torch.no_grad():  # the score head ignores its input: every position scores 0.25
+        runner.model.score_head.weight.zero_()
+        runner.model.score_head.bias.fill_(0.25)
+    for m in runner.evaluate(split, temperature=1.0):
+        assert m["tau"] == 0.0 and m["tau_all"] == 0.0
+        assert all(m[f"tau_iter_{t}"] == 0.0 for t in range(tiny_cfg.max_inner_iters))
+        # ranks of tied scores are the positions: right only where a position holds its own rank
+        assert 0.0 < m["accuracy"] < 0.5
