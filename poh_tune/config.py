@@ -74,6 +74,21 @@ class TrialConfig:
         return {k: getattr(self, k) for k in keys}
 
 
+# Keys that may differ between configurations trained together as members of one ensemble
+# (packing): each member gets its own value. Every other key shapes tensors, data or the
+# schedule of steps, and must be equal (pack_key).
+PACK_SHAREABLE = ("seeds", "temperature_init", "temperature_min", "temperature_decay",
+                  "entropy_reg", "entropy_decay_rate", "entropy_decay_every", "hrm_period",
+                  "controller_warmup_epochs", "lr_encoder", "lr_controller", "weight_decay",
+                  "clip_encoder", "clip_controller")
+
+
+def pack_key(cfg: TrialConfig) -> tuple:
+    """Configurations with equal keys can train together as one ensemble."""
+    return tuple((k, v) for k, v in cfg.to_dict().items()
+                 if k not in PACK_SHAREABLE and not isinstance(v, list))
+
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "model": ("baseline", "pot"),
     "controller": ("hrm", "mlp"),
@@ -258,5 +273,5 @@ def save_config(cfg: TrialConfig, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-__all__ = ["ConfigError", "TrialConfig", "from_dict", "load_config", "parse_overrides",
-           "read_yaml", "save_config", "CHOICES", "RANGES"]
+__all__ = ["ConfigError", "TrialConfig", "from_dict", "load_config", "pack_key",
+           "parse_overrides", "read_yaml", "save_config", "CHOICES", "PACK_SHAREABLE", "RANGES"]

@@ -8,6 +8,7 @@ activations carry the member dimension first: (S, B, L, d).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -202,11 +203,19 @@ class HRMCarry:
 
 
 class HRMController(nn.Module):
-    """Two-timescale router (after HRM): z_L every iteration, z_H every `period`; α from both."""
+    """Two-timescale router (after HRM): z_L every iteration, z_H every `period`; α from both.
 
-    def __init__(self, S: int, d_model: int, d_ctrl: int, n_heads: int, period: int):
+    Each member has its own period (configurations with different hrm_period train together as
+    members of one ensemble), so the slow-state update is a per-member mask.
+    """
+
+    def __init__(self, S: int, d_model: int, d_ctrl: int, n_heads: int,
+                 period: int | Sequence[int]):
         super().__init__()
-        self.period = period
+        self.periods = [period] * S if isinstance(period, int) else [int(p) for p in period]
+        if len(self.periods) != S:
+            raise ValueError(f"{len(self.periods)} periods for {S} members")
+        self._masks: dict[tuple[bool, ...], torch.Tensor] = {}
         self.inp = ELinear(S, d_model, d_ctrl)
         self.cell_L = EGRUCell(S, 2 * d_ctrl, d_ctrl)  # input: [token features, z_H]
         self.cell_H = EGRUCell(S, d_ctrl, d_ctrl)  # input: z_L
@@ -230,12 +239,25 @@ class HRMController(nn.Module):
         return (ebaddmm(self.cell_L.ih.bias, z_H, self.cell_L.ih.weight[:, c:]),
                 ebaddmm(self.router.bias, z_H, self.router.weight[:, c:]))
 
-    def step(self, carry: HRMCarry, x: torch.Tensor, t_B: torch.Tensor
-             ) -> tuple[torch.Tensor, HRMCarry]:
-        """One iteration. x: (S, B, L, d_model); t_B: (B,) long, each sample's iteration index.
+    def update_mask(self, t: int, device: torch.device) -> torch.Tensor | None:
+        """(S, 1, 1) bool: the members whose z_H updates at iteration t; None when all do.
 
-        Returns router logits (S, B, L, H) and the new carry. The slow-state update is masked per
-        sample (t % period == 0), never decided for the whole batch at once.
+        Decided on the host from the periods (no device sync); the mask tensor of each pattern
+        is made once and reused, so a captured CUDA graph never copies from the host.
+        """
+        upd = tuple(t % p == 0 for p in self.periods)
+        if all(upd):
+            return None
+        key = (*upd, str(device))
+        if key not in self._masks:
+            self._masks[key] = torch.tensor(upd, device=device).view(-1, 1, 1)
+        return self._masks[key]
+
+    def step(self, carry: HRMCarry, x: torch.Tensor, t: int) -> tuple[torch.Tensor, HRMCarry]:
+        """One iteration t (0-based). x: (S, B, L, d_model).
+
+        Returns router logits (S, B, L, H) and the new carry. z_H updates for the members whose
+        period divides t (t % period == 0), masked per member, never for the whole ensemble.
         """
         S, B, L, _ = x.shape
         c = carry.z_L.shape[-1]
@@ -244,12 +266,11 @@ class HRMController(nn.Module):
         gi = ebaddmm(proj[0], u, self.cell_L.ih.weight[:, :c])
         z_L = self.cell_L.from_gates(gi, carry.z_L)  # input [u, z_H]
         z_H = carry.z_H
-        upd_B = t_B.cpu() % self.period == 0  # (B,); decided on the host: no device sync
-        if bool(upd_B.any()):
+        if any(t % p == 0 for p in self.periods):
             new = self.cell_H(z_L, z_H)
-            if not bool(upd_B.all()):
-                upd = upd_B.to(x.device).repeat_interleave(L).view(1, B * L, 1)
-                new = torch.where(upd, new, z_H)
+            mask = self.update_mask(t, x.device)
+            if mask is not None:
+                new = torch.where(mask, new, z_H)
             z_H, proj = new, self.project_z_H(new)
         logits = ebaddmm(proj[1], z_L, self.router.weight[:, :c])
         return logits.view(S, B, L, -1), HRMCarry(z_L, z_H, proj)
@@ -266,7 +287,7 @@ class MLPController(nn.Module):
     def init_carry(self, n_tokens: int) -> None:
         return None
 
-    def step(self, carry, x: torch.Tensor, t_B: torch.Tensor):
+    def step(self, carry, x: torch.Tensor, t: int):
         return self.head(F.gelu(self.hidden(x))), None
 
 
@@ -322,7 +343,8 @@ class ForwardOut:
 class PoHSorter(nn.Module):
     """S ensemble members of the PoH sorter (or of the baseline)."""
 
-    def __init__(self, cfg: ModelConfig, n_members: int = 1):
+    def __init__(self, cfg: ModelConfig, n_members: int = 1,
+                 hrm_periods: Sequence[int] | None = None):
         super().__init__()
         self.cfg = cfg
         S, d = n_members, cfg.d_model
@@ -335,16 +357,22 @@ class PoHSorter(nn.Module):
         if cfg.model == "pot":
             self.block = Block(S, d, cfg.n_heads, cfg.d_ff)  # one block, iterated
             if cfg.controller == "hrm":
-                self.controller = HRMController(S, d, cfg.d_ctrl, cfg.n_heads, cfg.hrm_period)
+                self.controller = HRMController(S, d, cfg.d_ctrl, cfg.n_heads,
+                                                hrm_periods or cfg.hrm_period)
             else:
                 self.controller = MLPController(S, d, cfg.d_ctrl, cfg.n_heads)
         self.score_head = ELinear(S, d, 1)
         self.pointer = PointerDecoder(S, d, cfg.array_len)
 
     @classmethod
-    def from_seeds(cls, cfg: ModelConfig, seeds: list[int] | tuple[int, ...]) -> PoHSorter:
-        """One member per seed, each initialised exactly as a one-member model under that seed."""
-        ens = cls(cfg, len(seeds))
+    def from_seeds(cls, cfg: ModelConfig, seeds: Sequence[int],
+                   hrm_periods: Sequence[int] | None = None) -> PoHSorter:
+        """One member per seed, each initialised exactly as a one-member model under that seed.
+
+        `hrm_periods` gives each member its own HRM period (default: cfg.hrm_period for all);
+        the period holds no parameter, so it does not change the initialisation.
+        """
+        ens = cls(cfg, len(seeds), hrm_periods)
         with torch.no_grad():
             for s, seed in enumerate(seeds):
                 torch.manual_seed(seed)
@@ -369,34 +397,39 @@ class PoHSorter(nn.Module):
         h = self.value_proj(x.unsqueeze(-1)) + flag + self.pos_emb[:, None, :L]
         return self.encoder(h)
 
-    def forward(self, x: torch.Tensor, obs: torch.Tensor, temperature: float = 1.0,
-                keep_hidden: bool = False, keep_z_H: bool = False) -> ForwardOut:
+    def forward(self, x: torch.Tensor, obs: torch.Tensor,
+                temperature: float | torch.Tensor = 1.0, keep_hidden: bool = False,
+                keep_z_H: bool = False) -> ForwardOut:
+        """x: (S, B, L) scaled values; obs: (S, B, L) bool; temperature: a float or (S,), one
+        per member (configurations with different schedules train together)."""
         z = self.encode(x, obs)  # (S, B, L, d)
         if self.cfg.model == "baseline":
             scores = self.score_head(z).squeeze(-1).unsqueeze(0)  # (1, S, B, L)
             return ForwardOut(scores, z.unsqueeze(0) if keep_hidden else None, None, None)
 
         S, B, L, _ = z.shape
+        if isinstance(temperature, torch.Tensor):
+            temperature = temperature.view(S, 1, 1, 1)
         carry = self.controller.init_carry(B * L)
-        scores, hidden, alphas, z_Hs = [], [], [], []
+        states, alphas, z_Hs = [], [], []
         for t in range(self.cfg.max_inner_iters):
             if t > 0 and self.cfg.grad_mode == "last":
                 # Truncated gradient: each iteration's loss reaches only that iteration.
                 z = z.detach()
                 carry = carry.detach() if carry is not None else None
-            t_B = torch.full((B,), t, dtype=torch.long)  # every sample at iteration t
-            logits, carry = self.controller.step(carry, z, t_B)
+            logits, carry = self.controller.step(carry, z, t)
             alpha = torch.softmax(logits / temperature, dim=-1)  # (S, B, L, H)
             z = self.block(z, alpha)
-            scores.append(self.score_head(z).squeeze(-1))
+            states.append(z)
             alphas.append(alpha)
-            if keep_hidden:
-                hidden.append(z)
             if keep_z_H and carry is not None:
                 z_Hs.append(carry.z_H)
+        # The readout is shared by every iteration: one matmul over all of them.
+        hs = torch.stack(states, 1)  # (S, T, B, L, d)
+        scores = self.score_head(hs).squeeze(-1).transpose(0, 1)  # (T, S, B, L)
         return ForwardOut(
-            torch.stack(scores),
-            torch.stack(hidden) if keep_hidden else None,
+            scores,
+            hs.transpose(0, 1) if keep_hidden else None,
             torch.stack(alphas),
             torch.stack(z_Hs) if z_Hs else None,
         )

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import torch
 
 from poh_tune import losses
-from poh_tune.config import TrialConfig
+from poh_tune.config import PACK_SHAREABLE, TrialConfig, pack_key
 from poh_tune.data import SortData, make_splits
 from poh_tune.metrics import (
     kendall_tau,
@@ -21,6 +21,7 @@ from poh_tune.metrics import (
     sort_accuracy,
 )
 from poh_tune.model import ModelConfig, PoHSorter
+from poh_tune.optim import MemberAdamW
 
 # Tokens per evaluation chunk, over all members: a chunk's activations stay in cache, so five
 # members evaluate in chunks of a fifth as many samples (measured: about 6 % faster at 5 members).
@@ -45,67 +46,90 @@ def model_config(cfg: TrialConfig) -> ModelConfig:
     return ModelConfig(**cfg.model_part())
 
 
-def stack_seeds(cfg: TrialConfig, device: torch.device) -> dict[str, SortData]:
-    """Every seed's own splits, stacked on a leading member dimension: (S, N, L) tensors."""
+def stack_seeds(cfg: TrialConfig, seeds: Sequence[int], device: torch.device
+                ) -> dict[str, SortData]:
+    """Every member's splits (its seed's), stacked on a leading member dimension: (S, N, L).
+
+    Only the seed varies between members: the task's keys are shared by a pack (pack_key)."""
     per_seed = [make_splits(cfg.array_len, cfg.mask_rate, s, cfg.train_samples, cfg.dev_samples,
-                            cfg.test_samples) for s in cfg.seeds]
+                            cfg.test_samples) for s in seeds]
     return {split: SortData(*(torch.stack([getattr(d[split], f) for d in per_seed]).to(device)
                               for f in ("values", "obs_mask", "perm", "ranks")))
             for split in ("train", "dev", "test")}
 
 
-@torch.no_grad()
-def clip_per_member(params: list[torch.Tensor], max_norm: float) -> None:
-    """clip_grad_norm_ for every ensemble member on its own (dim 0 of each parameter)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    sq = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0)  # (S,)
-    coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # the formula of clip_grad_norm_
-    for g in grads:
-        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
-
-
 class TrialRunner:
-    """A trial: one configuration trained on all of its seeds together, one epoch at a time.
+    """One configuration, or a pack of configurations, trained on all their seeds together.
 
-    Each seed is one member of an ensemble model (its own initialisation, data, data order,
-    optimizer state and gradient clipping), so the seeds run as one batched computation and
-    each member's results equal those of training that seed alone, up to float rounding.
+    Each (configuration, seed) pair is one member of an ensemble model: its own initialisation,
+    data, data order, schedules (temperature, entropy weight, controller warm-up), HRM period,
+    learning rates, clipping and optimizer state. The members run as one batched computation,
+    and each member's results equal those of training its configuration and seed alone, up to
+    float rounding. Configurations of a pack must agree on everything else (config.pack_key).
     """
 
-    def __init__(self, cfg: TrialConfig, device: str | torch.device | None = None):
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+    def __init__(self, cfg: TrialConfig | Sequence[TrialConfig],
+                 device: str | torch.device | None = None):
+        cfgs = [cfg] if isinstance(cfg, TrialConfig) else list(cfg)
+        if not cfgs:
+            raise ValueError("a TrialRunner needs at least one configuration")
+        for i, c in enumerate(cfgs[1:], 1):
+            if pack_key(c) != pack_key(cfgs[0]):
+                diff = [k for (k, v), (_, v0) in zip(pack_key(c), pack_key(cfgs[0]), strict=True)
+                        if v != v0]
+                raise ValueError(f"configuration {i} cannot train with configuration 0: they "
+                                 f"differ in {', '.join(diff)} (only {', '.join(PACK_SHAREABLE)} "
+                                 "may differ)")
+        self.cfgs, self.cfg = cfgs, cfgs[0]
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.cfg, self.device = cfg, torch.device(device)
-        self.seeds = list(cfg.seeds)
-        self.data = stack_seeds(cfg, self.device)
-        self.model = PoHSorter.from_seeds(model_config(cfg), self.seeds).to(self.device)
-        # AdamW is elementwise, so one optimizer over stacked members equals one per seed.
-        opt_kw: dict[str, Any] = dict(betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
-        if self.device.type in ("cpu", "cuda"):
-            opt_kw["fused"] = True
+        self.device = torch.device(device)
+        # Members: every configuration's seeds, in order; member_cfg[s] is member s's config.
+        self.members = [(i, seed) for i, c in enumerate(cfgs) for seed in c.seeds]
+        self.member_cfg = [cfgs[i] for i, _ in self.members]
+        self.seeds = [seed for _, seed in self.members]
+        self.data = stack_seeds(self.cfg, self.seeds, self.device)
+        self.model = PoHSorter.from_seeds(model_config(self.cfg), self.seeds,
+                                          [c.hrm_period for c in self.member_cfg]
+                                          ).to(self.device)
+        mc = self.member_cfg
         self.enc_params = self.model.encoder_parameters()
         self.ctrl_params = self.model.controller_parameters()
-        self.enc_opt = torch.optim.AdamW(self.enc_params, lr=cfg.lr_encoder, **opt_kw)
-        self.ctrl_opt = (torch.optim.AdamW(self.ctrl_params, lr=cfg.lr_controller, **opt_kw)
+        self.enc_opt = MemberAdamW(self.enc_params, [c.lr_encoder for c in mc],
+                                   [c.weight_decay for c in mc], [c.clip_encoder for c in mc])
+        self.ctrl_opt = (MemberAdamW(self.ctrl_params, [c.lr_controller for c in mc],
+                                     [c.weight_decay for c in mc],
+                                     [c.clip_controller for c in mc])
                          if self.ctrl_params else None)
         self.ds_weights = torch.tensor(
-            losses.supervision_weights(cfg.deep_supervision, self.model.cfg.n_iters),
+            losses.supervision_weights(self.cfg.deep_supervision, self.model.cfg.n_iters),
             device=self.device)
         self.epoch = 0  # epochs completed
         self.best: list[dict[str, float]] = [{"best_tau": -math.inf, "best_epoch": 0}
-                                             for _ in self.seeds]
+                                             for _ in self.members]
+        self.diverged: dict[int, str] = {}  # configuration index -> why (packs only)
 
     @property
     def done(self) -> bool:
         return self.epoch >= self.cfg.epochs
 
+    def schedules(self, epoch: int) -> tuple[list[float], list[float], list[bool]]:
+        """Per member at `epoch` (0-based): temperature, entropy weight, controller frozen."""
+        return ([temperature_at(c, epoch) for c in self.member_cfg],
+                [entropy_weight_at(c, epoch) for c in self.member_cfg],
+                [epoch < c.controller_warmup_epochs for c in self.member_cfg])
+
+    def _member_tensor(self, values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, device=self.device, dtype=torch.float32)  # (S,)
+
     # --- training -----------------------------------------------------------------------------
-    def _loss(self, out, batch: SortData, entropy_w: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-member losses (S,) and their parts (3, S): total, ranking, routing entropy."""
+    def _loss(self, out, batch: SortData, entropy_w: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-member losses (S,) and their parts (3, S): total, ranking, routing entropy.
+
+        entropy_w: (S,) each member's entropy weight."""
         cfg = self.cfg
         T, S, B, L = out.scores.shape
         mask = batch.obs_mask if cfg.loss_pairs == "observed" else torch.ones_like(batch.obs_mask)
@@ -127,12 +151,11 @@ class TrialRunner:
         if out.alphas is not None:
             # Mean routing entropy over tokens and iterations, per member, kept in the graph.
             ent = routing_stats(out.alphas)["entropy"].mean((0, 2, 3))
-            if entropy_w != 0.0:
-                loss = loss + entropy_w * ent
+            loss = loss + entropy_w * ent
         return loss, torch.stack([loss, rank_loss, ent]).detach()
 
     def train_pass(self) -> list[dict[str, Any]]:
-        """One optimisation pass over every member's training split; per-seed loss records."""
+        """One optimisation pass over every member's training split; per-member loss records."""
         steps = self.train_steps()
         while True:
             try:
@@ -142,12 +165,14 @@ class TrialRunner:
 
     def train_steps(self) -> Generator[None, None, list[dict[str, Any]]]:
         """`train_pass` one optimizer step at a time: yields after every step and returns the
-        per-seed records (the bench interleaves the steps of several runners with this)."""
+        per-member records (the bench interleaves the steps of several runners with this)."""
         cfg, e = self.cfg, self.epoch
-        temp, ent_w = temperature_at(cfg, e), entropy_weight_at(cfg, e)
-        frozen = e < cfg.controller_warmup_epochs
+        temps, ent_ws, frozen = self.schedules(e)
+        temp_S, ent_w_S = self._member_tensor(temps), self._member_tensor(ent_ws)
+        active = [not f for f in frozen]
+        ctrl_trains = self.ctrl_opt is not None and any(active)
         for p in self.ctrl_params:
-            p.requires_grad_(not frozen)  # frozen: no gradient is even computed for it
+            p.requires_grad_(ctrl_trains)  # all frozen: no gradient is even computed for it
         self.model.train()
         train = self.data["train"]
         S, N, _ = train.values.shape
@@ -162,39 +187,44 @@ class TrialRunner:
         for i in range(0, N, cfg.batch_size):
             idx = rows, order[:, i: i + cfg.batch_size]  # (S, B) per-member samples
             batch = SortData(train.values[idx], train.obs_mask[idx], train.perm[idx], train.ranks[idx])
-            out = self.model(x_all[idx], obs_all[idx], temp, keep_hidden=pointer)
-            loss, parts = self._loss(out, batch, ent_w)
-            self.enc_opt.zero_grad(set_to_none=True)
+            out = self.model(x_all[idx], obs_all[idx], temp_S, keep_hidden=pointer)
+            loss, parts = self._loss(out, batch, ent_w_S)
+            self.enc_opt.zero_grad()
             if self.ctrl_opt is not None:
-                self.ctrl_opt.zero_grad(set_to_none=True)
+                self.ctrl_opt.zero_grad()
             loss.sum().backward()  # members share no parameter: each gets its own gradient
-            clip_per_member(self.enc_params, cfg.clip_encoder)
+            self.enc_opt.clip()
             self.enc_opt.step()
-            if self.ctrl_opt is not None and not frozen:
-                clip_per_member(self.ctrl_params, cfg.clip_controller)
-                self.ctrl_opt.step()
+            if ctrl_trains:
+                self.ctrl_opt.clip()
+                self.ctrl_opt.step(active)
             sums += parts
             n_batches += 1
             yield
         means = (sums / n_batches).T.tolist()  # S rows of (total, rank, entropy)
-        for seed, (total, _, _) in zip(self.seeds, means, strict=True):
-            if not math.isfinite(total):
-                raise TrainingDiverged(f"seed {seed}, epoch {e + 1}: training loss is {total}")
+        for (c, seed), (total, _, _) in zip(self.members, means, strict=True):
+            if not math.isfinite(total) and c not in self.diverged:
+                msg = f"seed {seed}, epoch {e + 1}: training loss is {total}"
+                if len(self.cfgs) == 1:
+                    raise TrainingDiverged(msg)
+                self.diverged[c] = msg  # the pack's other configurations train on
         self.epoch += 1
         return [{"epoch": self.epoch, "train_loss": total, "train_loss_rank": rank,
-                 "train_entropy": ent, "temperature": temp, "entropy_weight": ent_w,
-                 "controller_frozen": frozen} for total, rank, ent in means]
+                 "train_entropy": ent, "temperature": t, "entropy_weight": w,
+                 "controller_frozen": f}
+                for (total, rank, ent), t, w, f in zip(means, temps, ent_ws, frozen, strict=True)]
 
     def run_epoch_per_seed(self) -> list[dict[str, Any]]:
-        """Train one epoch, evaluate on dev (and on test for the seeds whose dev τ improved)."""
+        """Train one epoch, evaluate on dev (and on test for the members whose dev τ improved);
+        one record per member."""
         t0 = time.perf_counter()
         per = self.train_pass()
-        temp = per[0]["temperature"]
-        dev = self.evaluate("dev", temp, diagnostics=self.cfg.diagnostics)
+        temps = [m["temperature"] for m in per]
+        dev = self.evaluate("dev", temps, diagnostics=self.cfg.diagnostics)
         improved = [d["tau"] > b["best_tau"] for d, b in zip(dev, self.best, strict=True)]
         if any(improved):
-            test = self.evaluate("test", temp, diagnostics=False)
-            for s in range(len(self.seeds)):
+            test = self.evaluate("test", temps, diagnostics=False)
+            for s in range(len(self.members)):
                 if improved[s]:
                     self.best[s] = {"best_tau": dev[s]["tau"], "best_epoch": self.epoch,
                                     **{f"test_{k}": v for k, v in test[s].items()}}
@@ -205,15 +235,26 @@ class TrialRunner:
             m["epoch_s"] = elapsed
         return per
 
+    def run_epoch_per_config(self) -> list[dict[str, Any]]:
+        """One epoch; each configuration's record, aggregated over its seeds (as run_epoch)."""
+        per = self.run_epoch_per_seed()
+        return [aggregate([m for (c, _), m in zip(self.members, per, strict=True) if c == i],
+                          list(cfg.seeds)) for i, cfg in enumerate(self.cfgs)]
+
     def run_epoch(self) -> dict[str, Any]:
+        if len(self.cfgs) != 1:
+            raise ValueError("a pack of configurations: use run_epoch_per_config")
         return aggregate(self.run_epoch_per_seed(), self.seeds)
 
     # --- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, split: str, temperature: float, diagnostics: bool = True
-                 ) -> list[dict[str, Any]]:
-        """Per seed: τ (mask-aware and all pairs), accuracy and, with diagnostics, per-iteration
-        τ, routing entropy, Herfindahl index, mean max α and mean α per (iteration, head)."""
+    def evaluate(self, split: str, temperature: float | Sequence[float],
+                 diagnostics: bool = True) -> list[dict[str, Any]]:
+        """Per member: τ (mask-aware and all pairs), accuracy and, with diagnostics,
+        per-iteration τ, routing entropy, Herfindahl index, mean max α and mean α per
+        (iteration, head). temperature: one for all members, or one per member."""
+        if not isinstance(temperature, (int, float)):
+            temperature = self._member_tensor(list(temperature))
         self.model.eval()
         data = self.data[split]
         x, obs = data.inputs()
@@ -276,15 +317,20 @@ class TrialRunner:
 
     # --- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.cfg.to_dict(), "seeds": list(self.seeds), "epoch": self.epoch,
-                "best": [dict(b) for b in self.best], "model": self.model.state_dict(),
+        return {"configs": [c.to_dict() for c in self.cfgs], "seeds": list(self.seeds),
+                "epoch": self.epoch, "best": [dict(b) for b in self.best],
+                "diverged": dict(self.diverged), "model": self.model.state_dict(),
                 "enc_opt": self.enc_opt.state_dict(),
                 "ctrl_opt": self.ctrl_opt.state_dict() if self.ctrl_opt is not None else {}}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         if list(sd["seeds"]) != self.seeds:
             raise ValueError(f"checkpoint is for seeds {sd['seeds']}, not {self.seeds}")
+        if "configs" not in sd:
+            raise ValueError("checkpoint from an older poh_tune (one optimizer state per "
+                             "parameter); start the trial afresh")
         self.epoch = int(sd["epoch"])
+        self.diverged = {int(k): v for k, v in sd.get("diverged", {}).items()}
         self.best = [dict(b) for b in sd["best"]]
         self.model.load_state_dict(sd["model"])
         self.enc_opt.load_state_dict(sd["enc_opt"])

@@ -134,9 +134,10 @@ def test_z_H_changes_only_on_period_iterations_in_forward():
 
 def test_hrm_cached_z_H_projections_equal_the_concatenated_inputs():
     """The controller caches z_H's share of the fast cell's gates and of the router; iterated
-    over mixed per-sample periods it must equal reading [u, z_H] and [z_L, z_H] afresh."""
+    over mixed per-member periods it must equal reading [u, z_H] and [z_L, z_H] afresh."""
     torch.manual_seed(0)
-    ctrl = HRMController(3, d_model=16, d_ctrl=8, n_heads=4, period=3)
+    periods = [3, 2, 5]
+    ctrl = HRMController(3, d_model=16, d_ctrl=8, n_heads=4, period=periods)
     with torch.no_grad():
         ctrl.z_H0.normal_()
     B, L = 4, 5
@@ -144,11 +145,10 @@ def test_hrm_cached_z_H_projections_equal_the_concatenated_inputs():
     z_L, z_H = carry.z_L, carry.z_H
     for it in range(7):
         x = torch.randn(3, B, L, 16)
-        t_B = torch.tensor([it, it + 1, it + 2, 0])
-        logits, carry = ctrl.step(carry, x, t_B)
+        logits, carry = ctrl.step(carry, x, it)
         u = ctrl.inp(x).reshape(3, B * L, -1)
         z_L = ctrl.cell_L(torch.cat([u, z_H], -1), z_L)
-        upd = (t_B % 3 == 0).repeat_interleave(L).view(1, B * L, 1)
+        upd = torch.tensor([it % p == 0 for p in periods]).view(3, 1, 1)
         z_H = torch.where(upd, ctrl.cell_H(z_L, z_H), z_H)
         ref = ctrl.router(torch.cat([z_L, z_H], -1)).view(3, B, L, -1)
         assert torch.allclose(carry.z_L, z_L, atol=1e-5), it
@@ -156,17 +156,32 @@ def test_hrm_cached_z_H_projections_equal_the_concatenated_inputs():
         assert torch.allclose(logits, ref, atol=1e-5), it
 
 
-def test_z_H_update_is_decided_per_sample():
+def test_z_H_update_is_decided_per_member():
+    """Members with periods 4, 3, 1 and 2 at iterations 0-8: z_H moves exactly for the members
+    whose period divides the iteration, every token of them, and z_L moves every iteration."""
     torch.manual_seed(0)
-    ctrl = HRMController(1, d_model=16, d_ctrl=8, n_heads=4, period=4)
+    periods = [4, 3, 1, 2]
+    ctrl = HRMController(4, d_model=16, d_ctrl=8, n_heads=4, period=periods)
     B, L = 6, 5
-    carry = HRMCarry(torch.randn(1, B * L, 8), torch.randn(1, B * L, 8))
-    t_B = torch.tensor([0, 1, 4, 6, 8, 3])  # samples at different iterations
-    _, new = ctrl.step(carry, torch.randn(1, B, L, 16), t_B)
-    changed = (new.z_H != carry.z_H).any(-1).view(B, L)
-    expect = (t_B % 4 == 0).unsqueeze(-1).expand(B, L)
-    assert torch.equal(changed, expect)
-    assert (new.z_L != carry.z_L).any(-1).all()  # the fast state moves every iteration
+    for t in range(9):
+        carry = HRMCarry(torch.randn(4, B * L, 8), torch.randn(4, B * L, 8))
+        _, new = ctrl.step(carry, torch.randn(4, B, L, 16), t)
+        changed = (new.z_H != carry.z_H).any(-1)  # (S, B*L)
+        for s, p in enumerate(periods):
+            assert changed[s].all().item() == (t % p == 0) == changed[s].any().item(), (t, s)
+        assert (new.z_L != carry.z_L).any(-1).all()  # the fast state moves every iteration
+
+
+def test_members_with_their_own_periods_equal_each_alone():
+    cfg = tiny_model_cfg(max_inner_iters=7)
+    ens = PoHSorter.from_seeds(cfg, [3, 4, 5], hrm_periods=[2, 3, 5])
+    x, obs = inputs(S=3)
+    temps = torch.tensor([0.7, 1.3, 2.0])
+    out = ens(x, obs, temps).scores
+    for s, (seed, period) in enumerate(zip([3, 4, 5], [2, 3, 5], strict=True)):
+        alone = PoHSorter.from_seeds(tiny_model_cfg(max_inner_iters=7, hrm_period=period), [seed])
+        ref = alone(x[s:s + 1], obs[s:s + 1], float(temps[s])).scores[:, 0]
+        torch.testing.assert_close(out[:, s], ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("controller", ["hrm", "mlp"])
@@ -254,7 +269,7 @@ def reference_forward(m: PoHSorter, x, obs, temperature=1.0):
             z, z_L, z_H = z.detach(), z_L.detach(), z_H.detach()
         u = ctrl.inp(z).reshape(S, B * L, -1)
         z_L = ctrl.cell_L(torch.cat([u, z_H], -1), z_L)
-        if t % ctrl.period == 0:
+        if t % cfg.hrm_period == 0:
             z_H = ctrl.cell_H(z_L, z_H)
         logits = ctrl.router(torch.cat([z_L, z_H], -1)).view(S, B, L, -1)
         z = m.block(z, torch.softmax(logits / temperature, -1))

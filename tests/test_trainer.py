@@ -9,7 +9,6 @@ from poh_tune.trainer import (
     TrainingDiverged,
     TrialRunner,
     aggregate,
-    clip_per_member,
     entropy_weight_at,
     temperature_at,
 )
@@ -57,7 +56,7 @@ def _controller_grad(cfg, entropy_reg):
     x, obs = d.inputs()
     out = t.model(x[:, :16], obs[:, :16], 1.0)
     b = SortData(d.values[:, :16], d.obs_mask[:, :16], d.perm[:, :16], d.ranks[:, :16])
-    loss, _ = t._loss(out, b, entropy_reg)
+    loss, _ = t._loss(out, b, torch.full((1,), entropy_reg))
     loss.sum().backward()
     return torch.cat([p.grad.flatten() for p in t.ctrl_params])
 
@@ -71,22 +70,64 @@ def test_entropy_term_changes_the_controller_gradient(tiny_cfg):
     assert torch.allclose(g1 - g0, g0 - g2, atol=1e-6)
 
 
-def test_clip_per_member_equals_clip_grad_norm_of_each_member():
+def test_member_clipping_equals_clip_grad_norm_of_each_member():
+    """Each member's gradient clipped on its own, with its own max norm."""
+    from poh_tune.optim import MemberAdamW
+
     torch.manual_seed(0)
-    ps = [torch.randn(3, 4, 5, requires_grad=True), torch.randn(3, 1, 5, requires_grad=True)]
-    for p in ps:
-        p.grad = torch.randn_like(p) * torch.tensor([0.01, 1.0, 10.0]).view(3, 1, 1)
+    ps = [torch.nn.Parameter(torch.randn(3, 4, 5)), torch.nn.Parameter(torch.randn(3, 1, 5))]
+    opt = MemberAdamW(ps, [1e-3] * 3, [0.0] * 3, [0.5, 0.5, 100.0])
+    grads = [torch.randn_like(p) * torch.tensor([0.01, 1.0, 10.0]).view(3, 1, 1) for p in ps]
+    for p, g in zip(ps, grads, strict=True):
+        p.grad.copy_(g)  # the gradient is a view into the optimizer's flat buffer
     refs = []
-    for s in range(3):
-        single = [p.grad[s].clone().requires_grad_() for p in ps]
+    for s, norm in enumerate([0.5, 0.5, 100.0]):
+        single = [g[s].clone().requires_grad_() for g in grads]
         for q in single:
             q.grad = q.detach().clone()
-        torch.nn.utils.clip_grad_norm_(single, 0.5)
+        torch.nn.utils.clip_grad_norm_(single, norm)
         refs.append([q.grad for q in single])
-    clip_per_member(ps, 0.5)
+    opt.clip()
     for s in range(3):
         for p, r in zip(ps, refs[s], strict=True):
-            assert torch.allclose(p.grad[s], r, atol=1e-7)
+            torch.testing.assert_close(p.grad[s], r, rtol=1e-6, atol=1e-7)
+    assert torch.equal(ps[0].grad[2], grads[0][2])  # norm 100 > its norm (about 55): unclipped
+
+
+def test_member_adamw_equals_torch_adamw_per_member_and_frozen_members_stay():
+    """Members with their own lr and weight decay step as torch's AdamW on each alone; a frozen
+    member keeps its parameters, moments and step count (its warm-up runs longer)."""
+    from poh_tune.optim import MemberAdamW
+
+    torch.manual_seed(1)
+    init = [torch.randn(3, 4, 5), torch.randn(3, 1, 5)]
+    ps = [torch.nn.Parameter(x.clone()) for x in init]
+    lrs, wds = [1e-2, 3e-3, 1e-2], [0.01, 0.0, 0.1]
+    opt = MemberAdamW(ps, lrs, wds, [1e9] * 3)
+    refs = []
+    for s in range(3):
+        single = [torch.nn.Parameter(x[s].clone()) for x in init]
+        refs.append((single, torch.optim.AdamW(single, lr=lrs[s], weight_decay=wds[s],
+                                               betas=(0.9, 0.98))))
+    active_by_step = [[True, False, True], [True, False, True], [True, True, True]]
+    for active in active_by_step:
+        grads = [torch.randn_like(x) for x in init]
+        opt.zero_grad()
+        for p, g in zip(ps, grads, strict=True):
+            p.grad.add_(g)
+        opt.step(active)
+        for s, (single, ref_opt) in enumerate(refs):
+            if active[s]:
+                for q, g in zip(single, grads, strict=True):
+                    q.grad = g[s].clone()
+                ref_opt.step()
+    for s, (single, _) in enumerate(refs):
+        for p, q in zip(ps, single, strict=True):
+            torch.testing.assert_close(p[s], q, rtol=1e-5, atol=1e-6)
+    # member 1 was frozen for two steps: one step taken, and it moved off its initial value
+    assert not torch.equal(ps[0][1], init[0][1])
+    steps = [float(opt.opt.state[r]["step"]) for r in opt.rows]
+    assert steps == [3.0, 1.0, 3.0]
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["bmm", "split-matmul"])
@@ -206,3 +247,43 @@ def test_a_collapsed_model_scores_tau_zero(tiny_cfg, split):
         assert all(m[f"tau_iter_{t}"] == 0.0 for t in range(tiny_cfg.max_inner_iters))
         # ranks of tied scores are the positions: right only where a position holds its own rank
         assert 0.0 < m["accuracy"] < 0.5
+
+
+def test_configurations_packed_together_equal_each_alone(tiny_cfg, two_torch_threads):
+    """Three configurations that differ in every key a pack may vary, trained as one ensemble:
+    every member's metrics equal training its configuration alone (float tolerance)."""
+    base = tiny_cfg.replace(epochs=4, threads=2)
+    cfgs = [
+        base.replace(seeds=[1, 2]),
+        base.replace(seeds=[2, 5], temperature_init=1.5, temperature_min=0.5,
+                     temperature_decay=0.8, entropy_reg=-0.01, entropy_decay_rate=0.3,
+                     entropy_decay_every=1, hrm_period=3, controller_warmup_epochs=2,
+                     lr_encoder=1e-3, lr_controller=5e-4, weight_decay=0.1, clip_encoder=0.05,
+                     clip_controller=0.01),
+        base.replace(seeds=[3], temperature_init=3.0, entropy_reg=0.05, hrm_period=1,
+                     controller_warmup_epochs=0, lr_controller=1e-3),
+    ]
+    from poh_tune.config import PACK_SHAREABLE
+
+    differs = {k for k in PACK_SHAREABLE if getattr(cfgs[0], k) != getattr(cfgs[1], k)}
+    assert differs == set(PACK_SHAREABLE)  # the test covers every shareable key
+    packed = TrialRunner(cfgs, "cpu")
+    alone = [TrialRunner(c, "cpu") for c in cfgs]
+    keys = ("train_loss", "train_entropy", "temperature", "entropy_weight", "tau", "tau_all",
+            "best_tau", "test_tau", "herfindahl", "max_alpha", "tau_iter_0", "tau_iter_3",
+            "entropy_iter_3", "alpha_iter_2_head_1")
+    for _ in range(4):
+        per_config = packed.run_epoch_per_config()
+        for c, runner in enumerate(alone):
+            ref = runner.run_epoch()
+            got = per_config[c]
+            assert got["controller_frozen"] == ref["controller_frozen"]
+            for k in keys + tuple(f"tau_seed_{s}" for s in cfgs[c].seeds):
+                assert got[k] == pytest.approx(ref[k], abs=2e-4), (c, k)
+    # the configurations really train differently
+    assert per_config[0]["train_loss"] != pytest.approx(per_config[1]["train_loss"], abs=1e-3)
+
+
+def test_a_pack_refuses_configurations_of_other_shapes(tiny_cfg):
+    with pytest.raises(ValueError, match="differ in max_inner_iters"):
+        TrialRunner([tiny_cfg, tiny_cfg.replace(max_inner_iters=3)], "cpu")
