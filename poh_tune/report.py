@@ -54,6 +54,7 @@ PANEL_SIZE_IN = (5.0, 3.6)  # one panel of a line plot: 500 x 360 pixels
 PANEL_COLUMNS = 3
 LEGEND_FONT = 7  # points; legends sit under their panel, in a strip sized for them
 SUPTITLE_IN = 0.3
+Y_AXIS_IN = 0.75  # y label and tick labels left of a panel's plot
 MAX_LINES = 10  # a panel with more trials shows the best ones by test τ
 PLOT_FILES = ("tau_vs_epoch.png", "tau_vs_iteration.png", "entropy_vs_iteration.png",
               "alpha_heatmap.png")
@@ -429,23 +430,33 @@ def _short(v: Any, digits: int = LABEL_DIGITS) -> str:
     return str(v)
 
 
-def label_digits(trials: list[Trial], keys: list[str]) -> dict[str, int]:
-    """Significant digits per float key: LABEL_DIGITS, more only where values would look equal."""
-    out = {}
+def label_digits(trials: list[Trial], keys: list[str]) -> dict[str, dict[float, int]]:
+    """Significant digits of each float value per key: LABEL_DIGITS, more only for a value that
+    would otherwise look equal to another one of the same key."""
+    out: dict[str, dict[float, int]] = {}
     for k in keys:
         vals = {v for t in trials if isinstance(v := t.config.get(k), float)}
-        d = LABEL_DIGITS
-        while d < 17 and len({_short(v, d) for v in vals}) < len(vals):
-            d += 1
-        out[k] = d
+        out[k] = {}
+        for v in vals:
+            d = LABEL_DIGITS
+            while d < 17 and any(_short(w, d) == _short(v, d) for w in vals if w != v):
+                d += 1
+            out[k][v] = d
     return out
 
 
-def trial_label(trial: Trial, keys: list[str], digits: dict[str, int] | None = None) -> str:
+def trial_label(trial: Trial, keys: list[str],
+                digits: dict[str, dict[float, int]] | None = None) -> str:
     """What sets this configuration apart: the varying keys, rounded (the model where it varies)."""
     digits = digits or {}
+
+    def value(k: str) -> str:
+        v = trial.config.get(k)
+        return _short(v, digits.get(k, {}).get(v, LABEL_DIGITS) if isinstance(v, float)
+                      else LABEL_DIGITS)
+
     parts = [str(trial.config.get("model"))] if "model" in keys else []
-    parts += [f"{k}={_short(trial.config.get(k), digits.get(k, LABEL_DIGITS))}" for k in keys
+    parts += [f"{k}={value(k)}" for k in keys
               if k != "model" and (trial.is_pot or k not in POT_ONLY_KEYS)]
     return " ".join(parts) or str(trial.config.get("model"))
 
@@ -605,7 +616,8 @@ def panel_layout(panels: list[Panel]) -> tuple[int, int, float, list[float]]:
     rows, cols = panel_grid(len(panels))
     sizes = [legend_size_in([p.labels[t.trial_id] for t in _best_first(p.trials)])
              for p in panels]
-    width = max([PANEL_SIZE_IN[0], *(w + 0.3 for w, _ in sizes)])
+    # The legend starts under the plot's left edge, right of the y label and tick labels.
+    width = max([PANEL_SIZE_IN[0], *(w + Y_AXIS_IN + 0.2 for w, _ in sizes)])
     legend_h = [max(h for _, h in sizes[r * cols:(r + 1) * cols]) for r in range(rows)]
     return rows, cols, width, legend_h
 
