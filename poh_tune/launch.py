@@ -39,8 +39,10 @@ class UsageError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m poh_tune.launch", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    for cmd in ("grid", "optuna"):
-        s = sub.add_parser(cmd, help=f"run a {cmd} search space")
+    commands = {"grid": "run the document's experiment grid (a fixed search space)",
+                "optuna": "run an Optuna (TPE) search, ASHA stopping weak trials"}
+    for cmd, what in commands.items():
+        s = sub.add_parser(cmd, help=what, description=what)
         s.add_argument("space", nargs="?", help=f"search-space YAML (default: search_spaces/"
                                                 f"{DEFAULT_SPACE[cmd]}); a bare name is looked up there")
         s.add_argument("overrides", nargs="*", default=[], metavar="key=value",
@@ -49,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--experiment", action="append", default=None, metavar="NAME",
                            help="run only this experiment (repeatable); default: all")
         else:
-            s.add_argument("--num-samples", type=int, default=None)
+            s.add_argument("--num-samples", type=int, default=None,
+                           help="trials Optuna proposes (default: the space's num_samples)")
             s.add_argument("--seed", type=int, default=None, help="TPE seed")
         s.add_argument("--name", default=None, help="run name (default: the space's name)")
         s.add_argument("--storage", default="poh_runs", help="results root (default ./poh_runs)")
@@ -59,11 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start Ray's dashboard on 127.0.0.1 (embedded Ray; needs ray[default])")
         s.add_argument("--num-cpus", type=int, default=None,
                        help="CPUs of the embedded Ray (default: all)")
-        s.add_argument("--cpus-per-trial", type=float, default=None)
-        s.add_argument("--gpus-per-trial", type=float, default=None)
-        s.add_argument("--max-concurrent", type=int, default=None)
-        s.add_argument("--scheduler", choices=("fifo", "asha"), default=None)
-        s.add_argument("--checkpoint-every", type=int, default=1)
+        s.add_argument("--cpus-per-trial", type=float, default=None,
+                       help="CPUs Ray reserves for each trial; its torch threads (default: the "
+                            "space's resources.cpu)")
+        s.add_argument("--gpus-per-trial", type=float, default=None,
+                       help="GPUs for each trial; a fraction packs several trials on a GPU "
+                            "(default: the space's resources.gpu)")
+        s.add_argument("--max-concurrent", type=int, default=None,
+                       help="trials running at once; 0: as many as the resources allow "
+                            "(default: the space's max_concurrent)")
+        s.add_argument("--scheduler", choices=("fifo", "asha"), default=None,
+                       help="fifo runs every trial to the end; asha stops weak ones early "
+                            "(default: the space's scheduler)")
+        s.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
+                       help="epochs between trial checkpoints (one is also written at the end; "
+                            "default 1)")
+        s.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                       help="seconds between progress lines (default 30)")
         s.add_argument("--reuse-actors", action="store_true",
                        help="keep trial processes for the next trial: many short trials start "
                             "several times faster (each new process imports torch)")
@@ -73,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--smoke", action="store_true", help="a tiny task with the same structure")
         s.add_argument("--no-report", action="store_true", help="skip the report at the end")
     r = sub.add_parser("report", help="write the report of a finished experiment")
-    r.add_argument("exp_dir")
-    r.add_argument("--out", default=None)
+    r.add_argument("exp_dir", help="experiment directory written by grid or optuna")
+    r.add_argument("--out", default=None, help="output directory (default: the experiment dir)")
     return p
 
 
@@ -85,6 +100,8 @@ def resolve(args: argparse.Namespace) -> tuple[Space, Path, dict[str, Any]]:
         args.overrides.insert(0, args.space)  # `launch grid epochs=3`: no space given
         args.space = None
     storage = Path(args.storage).expanduser().resolve()
+    if not args.progress_every > 0:
+        raise UsageError(f"--progress-every={args.progress_every}: must be > 0 (seconds)")
     if args.resume:
         if args.name is None:
             raise UsageError("--resume needs --name RUN (the run to continue) "
@@ -150,6 +167,17 @@ def resolve(args: argparse.Namespace) -> tuple[Space, Path, dict[str, Any]]:
     return space, exp_dir, launch
 
 
+def hparam_domains(command: str, space: Space, launch: dict[str, Any]
+                   ) -> dict[str, dict[str, Any]]:
+    """Swept key -> {"values": [...]} (grid points, Optuna choices) or {"low", "high"} (Optuna)."""
+    if command == "grid":
+        variants, _ = grid_variants(space, launch["experiment_names"])
+        return {k: {"values": sorted({v[k] for v in variants}, key=lambda x: (str(type(x)), x))}
+                for k in variants[0]}
+    return {k: ({"values": list(s["values"])} if s["type"] == "choice"
+                else {"low": s["low"], "high": s["high"]}) for k, s in space.search.items()}
+
+
 def experiment_info(command: str, space: Space, launch: dict[str, Any]) -> dict[str, Any]:
     names = launch["experiment_names"]
     exps = {e.name: {"swept": e.swept, "description": e.description}
@@ -208,6 +236,10 @@ def start_ray(address: str | None, num_cpus: int | None, dashboard: bool = False
             from ray._private import ray_constants
 
             ray_constants.ENABLE_RAY_CLUSTER = False
+    if address is None:
+        # Ray 2.60 turns on token authentication for a new local cluster and warns about it on
+        # every start. Keep it (any local user can reach loopback ports) and say so, quietly.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if address is None:
@@ -274,7 +306,6 @@ def make_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
         param_space = dict(variants[0])
         search_alg = BasicVariantGenerator(points_to_evaluate=variants, max_concurrent=max_conc)
         num_samples = len(variants)
-        columns = sorted(param_space)
     else:
         from optuna.samplers import TPESampler
 
@@ -287,10 +318,11 @@ def make_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=max_conc or 2)
         param_space = {}
         num_samples = launch["num_samples"]
-        columns = sorted(space.search)
-    reporter = tune.CLIReporter(
-        parameter_columns=columns, max_report_frequency=15,
-        metric_columns=["epoch", space.metric, "best_tau", "tau_ci95", "epoch_s"])
+    from poh_tune.progress import ProgressLine
+
+    reporter = ProgressLine(exp_dir, num_samples, epochs,
+                            every_s=float(launch.get("progress_every", 30.0)), metric=space.metric,
+                            mode=space.metric_mode, asha=launch["scheduler"] == "asha")
     run_config = tune.RunConfig(
         name=exp_dir.name, storage_path=str(exp_dir.parent),
         failure_config=tune.FailureConfig(max_failures=launch.get("max_failures", 2)),
@@ -385,6 +417,13 @@ def retire_lost_trials(exp_dir: Path, rows: list[dict[str, Any]]) -> int:
 def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool) -> int:
     rows = collect(results, {})
     atomic_write_text(exp_dir / "results.csv", _csv_text(rows))
+    from poh_tune.tblog import write_session_end
+    from poh_tune.trainable import TB_DIR
+
+    for r in rows:  # how each trial ended, for TensorBoard's HParams (an ASHA stop included)
+        if Path(r["trial_dir"]).is_dir():
+            write_session_end(Path(r["trial_dir"]) / TB_DIR, r["status"], int(r["epochs_done"]),
+                              bool(r["stopped_early"]))
     lost = retire_lost_trials(exp_dir, rows)
     if lost:
         print(f"{lost} trial folder(s) from before the restore belong to no trial of this "
@@ -429,17 +468,21 @@ def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool) 
 def run_report(exp_dir: Path, out: str | None, quiet_missing: bool = False) -> int:
     """Call poh_tune.report.write_report; a failure is printed, never fatal to a finished run."""
     try:
-        from poh_tune.report import write_report
+        from poh_tune.report import PLOT_FILES, write_report
     except ImportError as e:
         if not quiet_missing:
             print(f"error: the report module is not available ({e})", file=sys.stderr)
         return 2
     try:
-        write_report(exp_dir, out_dir=out)
+        path = write_report(exp_dir, out_dir=out)
     except Exception as e:
         print(f"report failed ({type(e).__name__}: {e}); the run's results are intact",
               file=sys.stderr)
         return 1
+    text = path.read_text()
+    plots = [str(path.parent / n) for n in PLOT_FILES if f"]({n})" in text]  # those it shows
+    print(f"report: {path}\nsummary: {path.parent / 'summary.csv'}\nplots: "
+          + (", ".join(plots) or "none (nothing to plot)"))
     return 0
 
 
@@ -455,6 +498,7 @@ def run(args: argparse.Namespace) -> int:
         check_address(args.address)
     launch["max_failures"] = args.max_failures
     launch["reuse_actors"] = args.reuse_actors
+    launch["progress_every"] = args.progress_every
     variants, membership = grid_variants(space, launch["experiment_names"]) \
         if args.command == "grid" else ([{}], {})
     print(f"experiment dir: {exp_dir}\n  tensorboard --logdir {exp_dir}", flush=True)
@@ -473,6 +517,10 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(exp_dir / EXPERIMENT_FILE,
                           yaml.safe_dump(experiment_info(args.command, space, launch),
                                          sort_keys=False))
+        from poh_tune.tblog import write_hparams_experiment
+
+        write_hparams_experiment(exp_dir, space.base.to_dict(),
+                                 hparam_domains(args.command, space, launch))
         tuner = make_tuner(args.command, space, launch, exp_dir, trainable)
     results = tuner.fit()
     return finish(args.command, space, exp_dir, results, args.no_report)

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import sys
+import textwrap
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +46,15 @@ STAT_KEYS = {
     "test_perfect_sort": "test perfect-sort rate",
 }
 ALPHA = 0.05  # significance level of the report's statements, after Holm's correction
+LABEL_DIGITS = 4  # significant digits of a float in a configuration's label
+SMALL_N = 5  # fewer seeds than this: a CI is shown with its n
 FIG_DPI = 100
 FIG_SIZE_IN = (8.0, 5.0)  # the heatmap: 800 x 500 pixels
 PANEL_SIZE_IN = (5.0, 3.6)  # one panel of a line plot: 500 x 360 pixels
 PANEL_COLUMNS = 3
+LEGEND_FONT = 7  # points; legends sit under their panel, in a strip sized for them
+SUPTITLE_IN = 0.3
+Y_AXIS_IN = 0.75  # y label and tick labels left of a panel's plot
 MAX_LINES = 10  # a panel with more trials shows the best ones by test τ
 PLOT_FILES = ("tau_vs_epoch.png", "tau_vs_iteration.png", "entropy_vs_iteration.png",
               "alpha_heatmap.png")
@@ -463,11 +469,56 @@ def varying_keys(trials: list[Trial]) -> list[str]:
             if len({_hashable(t.config.get(k)) for t in trials}) > 1 and k != "seeds"]
 
 
-def trial_label(trial: Trial, keys: list[str]) -> str:
-    parts = [str(trial.config.get("model"))]
-    parts += [f"{k}={trial.config.get(k)}" for k in keys
+def _short(v: Any, digits: int = LABEL_DIGITS) -> str:
+    """A config value for a label: floats to `digits` significant digits."""
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return str(v)
+
+
+def label_digits(trials: list[Trial], keys: list[str]) -> dict[str, dict[float, int]]:
+    """Significant digits of each float value per key: LABEL_DIGITS, more only for a value that
+    would otherwise look equal to another one of the same key."""
+    out: dict[str, dict[float, int]] = {}
+    for k in keys:
+        vals = {v for t in trials if isinstance(v := t.config.get(k), float)}
+        out[k] = {}
+        for v in vals:
+            d = LABEL_DIGITS
+            while d < 17 and any(_short(w, d) == _short(v, d) for w in vals if w != v):
+                d += 1
+            out[k][v] = d
+    return out
+
+
+def trial_label(trial: Trial, keys: list[str],
+                digits: dict[str, dict[float, int]] | None = None) -> str:
+    """What sets this configuration apart: the varying keys, rounded (the model where it varies)."""
+    digits = digits or {}
+
+    def value(k: str) -> str:
+        v = trial.config.get(k)
+        return _short(v, digits.get(k, {}).get(v, LABEL_DIGITS) if isinstance(v, float)
+                      else LABEL_DIGITS)
+
+    parts = [str(trial.config.get("model"))] if "model" in keys else []
+    parts += [f"{k}={value(k)}" for k in keys
               if k != "model" and (trial.is_pot or k not in POT_ONLY_KEYS)]
-    return " ".join(parts)
+    return " ".join(parts) or str(trial.config.get("model"))
+
+
+def config_labels(trials: list[Trial]) -> dict[str, str]:
+    """trial_id -> trial_label, for the tables (beside the trial id) and the plots' legends."""
+    keys = varying_keys(trials)
+    digits = label_digits(trials, keys)
+    return {t.trial_id: trial_label(t, keys, digits) for t in trials}
+
+
+def named(trial_id: str, label: str) -> str:
+    """A legend entry or table cell that carries the trial id the tables share."""
+    return f"{trial_id}: {label}"
 
 
 def _fmt(s: Stat) -> str:
@@ -475,7 +526,11 @@ def _fmt(s: Stat) -> str:
         return "n/a"
     if math.isnan(s.ci95):
         return f"{s.mean:.3f} (no per-seed values)"
-    return f"{s.mean:.3f} ± {s.ci95:.3f}"
+    n = len(s.values)
+    if n == 1:
+        return f"{s.mean:.3f} (1 seed: CI n/a)"
+    # t(0.975) is 12.7 at n=2 and 4.3 at n=3: say n where the interval is that wide.
+    return f"{s.mean:.3f} ± {s.ci95:.3f}" + (f" (n={n})" if n < SMALL_N else "")
 
 
 def _num(v: float, pct: bool = False) -> str:
@@ -567,13 +622,13 @@ def plot_panels(exp: Experiment, labels: dict[str, str]) -> list[Panel]:
             continue
         key = (info or {}).get("swept") or "model"
         members.sort(key=lambda t: (_sort_key(t.config.get(key)), t.trial_id))
-        panels.append(Panel(name, members, {t.trial_id: f"{key}={t.config.get(key)}"
-                                            for t in members}))
+        panels.append(Panel(name, members, {
+            t.trial_id: named(t.trial_id, f"{key}={_short(t.config.get(key))}") for t in members}))
     covered = {t.trial_id for p in panels for t in p.trials}
     rest = [t for t in exp.trials if t.trial_id not in covered]
     if rest:
         panels.append(Panel("other configurations" if panels else "all configurations", rest,
-                            {t.trial_id: labels[t.trial_id] for t in rest}))
+                            {t.trial_id: named(t.trial_id, labels[t.trial_id]) for t in rest}))
     return panels
 
 
@@ -583,10 +638,40 @@ def panel_grid(n_panels: int) -> tuple[int, int]:
     return math.ceil(max(1, n_panels) / cols), cols
 
 
-def panel_figure_px(n_panels: int) -> tuple[int, int]:
-    """(width, height) in pixels of a PNG with `n_panels` panels."""
-    rows, cols = panel_grid(n_panels)
-    return round(cols * PANEL_SIZE_IN[0] * FIG_DPI), round(rows * PANEL_SIZE_IN[1] * FIG_DPI)
+def text_width_in(text: str, size: float = LEGEND_FONT) -> float:
+    """Width in inches of `text` in matplotlib's default font at `size` points."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    width_pt, _, _ = TextToPath().get_text_width_height_descent(
+        text, FontProperties(size=size), ismath=False)
+    return width_pt / 72
+
+
+def legend_size_in(entries: list[str]) -> tuple[float, float]:
+    """(width, height) in inches of a one-column legend of `entries` at LEGEND_FONT points."""
+    if not entries:
+        return 0.0, 0.0
+    em = LEGEND_FONT / 72
+    # Legend defaults in font sizes: handle 2 + its gap 0.8, 0.5 between rows, 0.4 padding.
+    width = max(text_width_in(e) for e in entries) * 1.05 + 3.6 * em
+    height = len(entries) * 1.5 * em + 1.2 * em
+    return width, height
+
+
+def panel_layout(panels: list[Panel]) -> tuple[int, int, float, list[float]]:
+    """(rows, columns, column width, legend height of each row) in inches, legends under panels.
+
+    A column is as wide as the widest legend (at least PANEL_SIZE_IN wide), and a row of panels
+    is followed by a strip as tall as its tallest legend, so no legend overlaps a plot.
+    """
+    rows, cols = panel_grid(len(panels))
+    sizes = [legend_size_in([p.labels[t.trial_id] for t in _best_first(p.trials)])
+             for p in panels]
+    # The legend starts under the plot's left edge, right of the y label and tick labels.
+    width = max([PANEL_SIZE_IN[0], *(w + Y_AXIS_IN + 0.2 for w, _ in sizes)])
+    legend_h = [max(h for _, h in sizes[r * cols:(r + 1) * cols]) for r in range(rows)]
+    return rows, cols, width, legend_h
 
 
 def _best_first(trials: list[Trial]) -> list[Trial]:
@@ -605,10 +690,14 @@ def _draw_panels(panels: list[Panel], draw, ylabel: str, xlabel: str, suptitle: 
     if not panels:
         return None
     plt = _pyplot()
-    rows, cols = panel_grid(len(panels))
-    fig, axes = plt.subplots(rows, cols, squeeze=False, layout="constrained",
-                             figsize=(cols * PANEL_SIZE_IN[0], rows * PANEL_SIZE_IN[1]))
-    for ax, panel in zip(axes.flat, panels, strict=False):
+    rows, cols, width, legend_h = panel_layout(panels)
+    fig = plt.figure(layout="constrained", figsize=(
+        cols * width, rows * PANEL_SIZE_IN[1] + sum(legend_h) + SUPTITLE_IN))
+    heights = [h for r in range(rows) for h in (PANEL_SIZE_IN[1], max(legend_h[r], 0.01))]
+    grid = fig.add_gridspec(2 * rows, cols, height_ratios=heights)
+    for i, panel in enumerate(panels):
+        r, c = divmod(i, cols)
+        ax = fig.add_subplot(grid[2 * r, c])
         shown = _best_first(panel.trials)
         title = panel.title
         if len(shown) < len(panel.trials):
@@ -620,10 +709,12 @@ def _draw_panels(panels: list[Panel], draw, ylabel: str, xlabel: str, suptitle: 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
+        handles, entries = ax.get_legend_handles_labels()
+        if handles:
+            leg_ax = fig.add_subplot(grid[2 * r + 1, c])
+            leg_ax.axis("off")
+            leg_ax.legend(handles, entries, loc="upper left", fontsize=LEGEND_FONT,
+                          frameon=False, borderaxespad=0.0)
     fig.suptitle(suptitle, fontsize=10)
     return _save(fig, path)
 
@@ -710,7 +801,7 @@ def plot_alpha_heatmap(trial: Trial, label: str, path: Path) -> Path | None:
     if a is None:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=FIG_SIZE_IN)
+    fig, ax = plt.subplots(figsize=FIG_SIZE_IN, layout="constrained")
     vmax = max(1e-9, float(np.nanmax(a)))
     im = ax.imshow(a, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
     if a.size <= 200:
@@ -718,11 +809,15 @@ def plot_alpha_heatmap(trial: Trial, label: str, path: Path) -> Path | None:
             ax.text(h, t, f"{v:.2f}", ha="center", va="center", fontsize=7,
                     color="k" if v > 0.6 * vmax else "w")
     ax.set_xticks(range(a.shape[1]))
+    ax.set_xticklabels(range(1, a.shape[1] + 1))  # heads and iterations count from 1
     ax.set_yticks(range(a.shape[0]))
     ax.set_yticklabels(range(1, a.shape[0] + 1))
     ax.set_xlabel("head")
     ax.set_ylabel("inner iteration")
-    ax.set_title(f"Mean α, best PoH configuration ({label}), last epoch", fontsize=9)
+    # Wrapped to the figure's width: a long label no longer pushes the title off its left edge.
+    chars = int(FIG_SIZE_IN[0] * 72 / (0.6 * 9))
+    ax.set_title(textwrap.fill(f"Mean α, best PoH configuration ({label}), last epoch", chars),
+                 fontsize=9)
     fig.colorbar(im, ax=ax)
     return _save(fig, path)
 
@@ -737,10 +832,11 @@ def summary_frame(exp: Experiment) -> pd.DataFrame:
         The summary table written to summary.csv.
     """
     keys = varying_keys(exp.trials)
+    labels = config_labels(exp.trials)
     baselines = [t for t in exp.trials if not t.is_pot]
     rows = []
     for t in exp.trials:
-        r: dict[str, Any] = {"trial_id": t.trial_id, "label": trial_label(t, keys),
+        r: dict[str, Any] = {"trial_id": t.trial_id, "label": labels[t.trial_id],
                              "status": t.status, "epochs_done": t.epochs_done,
                              "epochs": t.config.get("epochs"), "n_seeds": len(t.seeds),
                              "experiments": ";".join(t.experiments)}
@@ -828,8 +924,8 @@ def render_markdown(exp: Experiment, summary: pd.DataFrame, plots: dict[str, Pat
     Returns:
         Markdown.
     """
-    keys = varying_keys(exp.trials)
-    labels = {t.trial_id: trial_label(t, keys) for t in exp.trials}
+    labels = config_labels(exp.trials)
+    ids = {tid: named(tid, lab) for tid, lab in labels.items()}  # tables without a trial column
     by_id = {t.trial_id: t for t in exp.trials}
     meta = exp.meta
     counts = summary["status"].value_counts().to_dict()
@@ -867,7 +963,7 @@ def render_markdown(exp: Experiment, summary: pd.DataFrame, plots: dict[str, Pat
           "sorted exactly, the hidden ones placed together at the median of the values still "
           "possible. Mask-aware τ has the ceiling 1.", ""]
 
-    sweeps = _sweep_sections(exp, labels)
+    sweeps = _sweep_sections(exp, ids)
     if sweeps:
         L += ["## Sweeps", ""] + sweeps
 
@@ -878,7 +974,7 @@ def render_markdown(exp: Experiment, summary: pd.DataFrame, plots: dict[str, Pat
     for t in pots:
         bid = summary.loc[summary.trial_id == t.trial_id, "baseline_trial_id"].iloc[0]
         if bid is None or (isinstance(bid, float) and math.isnan(bid)):
-            ab_rows.append([labels[t.trial_id], "no baseline of this task", *["n/a"] * 8])
+            ab_rows.append([ids[t.trial_id], "no baseline of this task", *["n/a"] * 8])
             continue
         for stat in abs_of:
             abs_of[stat].append(ab_compare(t, by_id[bid], stat))
@@ -889,12 +985,12 @@ def render_markdown(exp: Experiment, summary: pd.DataFrame, plots: dict[str, Pat
         for stat in abs_of:
             ab, q = abs_of[stat][i], holm_of[stat][i]
             pid, bid = ab_tau.pot.trial_id, ab_tau.base.trial_id
-            ab_rows.append([labels[pid], labels[bid], STAT_KEYS[stat], _fmt(ab.pot_stat),
+            ab_rows.append([ids[pid], ids[bid], STAT_KEYS[stat], _fmt(ab.pot_stat),
                             _fmt(ab.base_stat), _num(ab.delta), _num(ab.rel, pct=True), _p(ab.p),
                             _p(ab.p_paired), _p(q)])
             met = band_status(ab.base_stat.mean, ab.pot_stat.mean, ab.rel)
             known = not math.isnan(ab.delta)
-            band_rows.append([labels[pid], STAT_KEYS[stat],
+            band_rows.append([ids[pid], STAT_KEYS[stat],
                               *(("met" if met[b] else "not met") if known else "n/a"
                                 for b in BANDS)])
     if pots:
@@ -914,7 +1010,7 @@ def render_markdown(exp: Experiment, summary: pd.DataFrame, plots: dict[str, Pat
             L += [f"- {STAT_KEYS[stat]}: {sig} of {len(tested)} PoH configurations differ from "
                   f"their baseline (Holm-adjusted paired p < {ALPHA})."]
     L += [""]
-    L += _pot_vs_pot_lines(exp.trials, labels)
+    L += _pot_vs_pot_lines(exp.trials, ids)
     if band_rows:
         L += ["### The document's success bands", ""]
         L += [", ".join(f"{n}: τ(baseline) > {b}, τ(HRM) > {h}, gain ≥ +{100 * r:.0f} %"
@@ -930,7 +1026,7 @@ def render_markdown(exp: Experiment, summary: pd.DataFrame, plots: dict[str, Pat
         if rr is None:
             continue
         flag = "healthy" if rr["healthy"] else "FLAGGED: outside the healthy band"
-        rrows.append([labels[t.trial_id], f"{rr['herfindahl']:.3f}", f"{rr['max_alpha']:.3f}",
+        rrows.append([ids[t.trial_id], f"{rr['herfindahl']:.3f}", f"{rr['max_alpha']:.3f}",
                       flag, f"{rr['unhealthy_epochs']}/{rr['epochs']}"])
     if rrows:
         L += [f"Healthy band of the document: Herfindahl < {HERFINDAHL_MAX}, mean max α in "
@@ -983,7 +1079,7 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None) -> Path
             panels, "entropy_iter", "routing entropy (nats)",
             "Routing entropy per inner iteration, last epoch (dashed: uniform over the heads)",
             out / "entropy_vs_iteration.png"),
-        "alpha_heatmap.png": (plot_alpha_heatmap(best, labels[best.trial_id],
+        "alpha_heatmap.png": (plot_alpha_heatmap(best, named(best.trial_id, labels[best.trial_id]),
                                                  out / "alpha_heatmap.png") if best else None),
     }
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,27 @@ class PohOptunaSearch(OptunaSearch):
             except Exception as exc2:
                 logger.warning("Optuna tell FAIL failed for %s too (%s)", trial_id, exc2)
         self._completed_trials.add(trial_id)
+
+    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
+        """Ray's save, with the temporary file outside `checkpoint_dir`.
+
+        `checkpoint_dir` is the driver's staging folder, which Ray copies to the storage path in
+        a background thread. Ray writes the searcher to a temporary file inside it and renames it;
+        a copy still running from the previous snapshot lists that file and fails when the rename
+        takes it away ("FileNotFoundError: ... .tmp-searcher-state-...pkl"), the more often the
+        longer pickling the study takes. A sibling folder is on the same filesystem and is not
+        copied, so the rename stays atomic and the copy never sees a half-written file.
+        """
+        final = os.path.join(checkpoint_dir, self.CKPT_FILE_TMPL.format(session_str))
+        fd, tmp = tempfile.mkstemp(prefix=".poh-searcher-", suffix=".pkl",
+                                   dir=os.path.dirname(os.path.abspath(checkpoint_dir)))
+        os.close(fd)
+        try:
+            self.save(tmp)
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)

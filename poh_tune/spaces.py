@@ -213,11 +213,16 @@ def _smoke(path: Path, base: TrialConfig,
         ranks[key] = {v: i + 1 for i, v in enumerate(sorted(vals))}
     if any(e.swept in ranks for e in experiments):
         small = small.replace(**{k: r[getattr(base, k)] for k, r in ranks.items()})
-    exps = tuple(Experiment(e.name, e.description, e.swept,
-                            tuple(ranks[e.swept][v] for v in e.values) if e.swept in ranks
-                            else e.values) for e in experiments)
+    exps = []
+    for e in experiments:
+        values = tuple(ranks[e.swept][v] for v in e.values) if e.swept in ranks else e.values
+        # The file's description quotes the full task's values; say what the smoke run sweeps.
+        what = (f"{e.swept} {', '.join(map(str, values))}" if e.swept is not None
+                else "the base configuration")
+        exps.append(Experiment(e.name, f"smoke run: {what} on the tiny task (full grid: "
+                                       f"{e.description or e.name})", e.swept, values))
     _config(path, "smoke", small.to_dict())
-    return small, exps
+    return small, tuple(exps)
 
 
 def canonical(params: dict[str, Any]) -> str:

@@ -21,8 +21,9 @@ def summary_line(last: dict, seeds) -> str:
     tests = [last[f"test_tau_seed_{s}"] for s in seeds]
     m, hw = mean_ci95(tests)
     per_seed = ", ".join(f"{s}: {v:.4f}" for s, v in zip(seeds, tests, strict=True))
-    return (f"test tau at best dev epoch: {m:.4f} ± {hw:.4f} (95 % CI, {len(tests)} seed"
-            f"{'s' if len(tests) > 1 else ''}; per seed {per_seed}); "
+    ci = (f"± {hw:.4f} (95 % CI, {len(tests)} seeds" if len(tests) > 1
+          else "(1 seed: 95 % CI n/a")  # a CI needs two values at least
+    return (f"test tau at best dev epoch: {m:.4f} {ci}; per seed {per_seed}); "
             f"all-pairs {last['test_tau_all']:.4f}; perfect sort {last['test_perfect_sort']:.3f}")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -14,9 +13,10 @@ import ray
 import torch
 from ray import tune
 
-from poh_tune.config import TrialConfig, from_dict
+from poh_tune.config import from_dict
 from poh_tune.io import atomic_write_text, read_metrics
 from poh_tune.spaces import canonical
+from poh_tune.tblog import tb_scalars, write_session_start
 from poh_tune.trainer import TrainingDiverged, TrialRunner
 
 METRICS_FILE = "metrics.jsonl"
@@ -39,26 +39,6 @@ def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and math.isfinite(float(v))}
-
-
-def _hparams(cfg: TrialConfig) -> dict[str, Any]:
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-            for k, v in cfg.to_dict().items()}
-
-
-def _write_hparams(writer: Any, cfg: TrialConfig) -> None:
-    """HParams session for TensorBoard: every hyperparameter; metrics are the scalar tags below."""
-    from tensorboardX.summary import hparams
-
-    metrics = {"tau": 0.0, "best_tau": 0.0, "test_tau": 0.0, "tau_all": 0.0}
-    exp, ssi, sei = hparams(_hparams(cfg), metrics)
-    for summary in (exp, ssi, sei):
-        writer.file_writer.add_summary(summary)
 
 
 def trial_storage_dir() -> Path:
@@ -142,7 +122,7 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
     logged = last_logged_epoch(metrics_file)
     writer = SummaryWriter(str(trial_dir / TB_DIR), flush_secs=5)
     if logged == 0:
-        _write_hparams(writer, cfg)
+        write_session_start(writer, cfg.to_dict(), trial_id)
     node_id = ray.get_runtime_context().get_node_id()
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
     crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
@@ -156,8 +136,8 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
             epoch = int(m["epoch"])
             if epoch > logged:  # each epoch logged once, even when replayed after a restore
                 _append_jsonl(metrics_file, {**m, "trial_id": trial_id})
-                for k, v in _scalars(m).items():
-                    writer.add_scalar(k, v, epoch)
+                for tag, v in tb_scalars(m, cfg.max_inner_iters).items():
+                    writer.add_scalar(tag, v, epoch)
                 writer.flush()
                 logged = epoch
             report = {**m, "node_id": node_id, "gpu_ids": ",".join(gpu_ids),

@@ -18,8 +18,8 @@ import yaml
 
 from poh_tune.config import load_config
 
-TB_TAGS = ("tau", "tau_all", "tau_iter_0", "entropy_iter_0", "train_loss", "train_loss_rank",
-           "temperature", "entropy_weight")
+TB_TAGS = ("tau/dev", "tau/dev_all_pairs", "tau/iter_01", "entropy/iter_01", "loss/train",
+           "loss/train_rank", "schedule/temperature", "schedule/entropy_weight")
 
 
 def launch(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -60,10 +60,10 @@ def check_trial_dirs(rows: list[dict], epochs: int) -> None:
             assert all(f"tau_iter_{k}" in m for k in range(n_iters)), m["epoch"]
         ea = tb(r["trial_dir"])
         tags = set(ea.Tags()["scalars"])
-        assert set(TB_TAGS) - ({"entropy_iter_0"} if cfg["model"] == "baseline" else set()) <= tags
-        assert [e.step for e in ea.Scalars("tau")] == list(range(1, epochs + 1))
-        hp = ea.PluginTagToContent("hparams")
-        assert "_hparams_/experiment" in hp and "_hparams_/session_start_info" in hp
+        assert set(TB_TAGS) - ({"entropy/iter_01"} if cfg["model"] == "baseline" else set()) <= tags
+        assert [e.step for e in ea.Scalars("tau/dev")] == list(range(1, epochs + 1))
+        hp = ea.PluginTagToContent("hparams")  # the experiment is the run directory's own
+        assert "_hparams_/session_start_info" in hp and "_hparams_/session_end_info" in hp
 
 
 @pytest.mark.slow

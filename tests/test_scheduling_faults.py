@@ -40,7 +40,7 @@ def _trial_files_intact(row: dict, done: int) -> None:
     info = yaml.safe_load((trial_dir / "poh_trial.yaml").read_text())
     assert info["trial_id"] == row["trial_id"]
     assert info["config"]["lr_encoder"] == float(row["config.lr_encoder"])
-    assert [e.step for e in tb(trial_dir).Scalars("tau")] == list(range(1, done + 1))
+    assert [e.step for e in tb(trial_dir).Scalars("tau/dev")] == list(range(1, done + 1))
     assert [r["epoch"] for r in _tune_results(row)] == list(range(1, done + 1))
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -80,3 +83,29 @@ def test_close_stale_trials(tmp_path):
     s.suggest("a")
     assert close_stale_trials(study(tmp_path)) == 1
     assert study(tmp_path).trials[0].state == TrialState.FAIL
+
+
+def test_save_to_dir_keeps_its_temporary_file_out_of_the_synced_folder(tmp_path):
+    """Ray copies the staging folder in the background: a temporary file inside it could vanish
+    under the copy (the intermittent FileNotFoundError of issue 13)."""
+    staging = tmp_path / "driver_artifacts"
+    staging.mkdir()
+    written = []
+
+    class Recorded(PohOptunaSearch):
+        def save(self, checkpoint_path: str) -> None:
+            written.append(Path(checkpoint_path))
+            super().save(checkpoint_path)
+
+    s = Recorded(space=distributions(SEARCH), metric="tau", mode="max",
+                 sampler=optuna.samplers.TPESampler(seed=0), study_name="s",
+                 storage=study_storage(tmp_path), epochs=EPOCHS)
+    first = s.suggest("a")
+    s.save_to_dir(str(staging), "sess")
+    s.save_to_dir(str(staging), "sess")  # the next snapshot replaces the file
+    assert len(written) == 2 and all(p.parent != staging for p in written)
+    assert sorted(os.listdir(staging)) == ["searcher-state-sess.pkl"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".poh-searcher-")]
+    restored = searcher(tmp_path)
+    restored.restore_from_dir(str(staging))
+    assert restored._ot_trials["a"].params == first

@@ -1,0 +1,219 @@
+"""TensorBoard layout of an experiment: grouped scalar tags, one HParams experiment with domains."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+# Flat metric keys (metrics.jsonl, results.csv) -> "group/name" TensorBoard tags. TensorBoard
+# makes one card group per text before the first "/", so a trial shows about ten groups instead
+# of 50 loose cards. Keys not listed here fall into the patterns of `tb_tag`.
+TAGS = {
+    "tau": "tau/dev", "tau_all": "tau/dev_all_pairs", "best_tau": "tau/best_dev",
+    "test_tau": "tau/test", "test_tau_all": "tau/test_all_pairs", "best_epoch": "tau/best_epoch",
+    "accuracy": "accuracy/dev", "perfect_sort": "accuracy/dev_perfect_sort",
+    "test_accuracy": "accuracy/test", "test_perfect_sort": "accuracy/test_perfect_sort",
+    "train_loss": "loss/train", "train_entropy": "entropy/train",
+    "herfindahl": "routing/herfindahl", "max_alpha": "routing/max_alpha",
+    "routing_healthy": "routing/healthy",
+    "temperature": "schedule/temperature", "entropy_weight": "schedule/entropy_weight",
+    "controller_frozen": "schedule/controller_frozen",
+    "epoch_s": "trial/epoch_s",
+}
+EPOCHS_DONE_TAG = "trial/epochs_done"  # HParams metric: an ASHA stop shows as fewer epochs
+STOPPED_EARLY_TAG = "trial/stopped_early"  # written by the driver when the trial has ended
+# HParams metrics (tag, what it is); TensorBoard shows each session's last value of the tag.
+HPARAMS_METRICS = (
+    ("tau/dev", "dev τ (mask-aware), mean over seeds, last epoch"),
+    ("tau/best_dev", "best dev τ, mean over seeds"),
+    ("tau/test", "test τ at the best dev epoch, mean over seeds"),
+    ("tau/test_all_pairs", "test all-pairs τ at the best dev epoch"),
+    (EPOCHS_DONE_TAG, "epochs trained (fewer than `epochs`: ASHA stopped the trial)"),
+    (STOPPED_EARLY_TAG, "1 if the scheduler stopped the trial before its last epoch"),
+)
+_ITER = re.compile(r"^(tau|entropy)_iter_(\d+)$")
+_ALPHA = re.compile(r"^alpha_iter_(\d+)_head_(\d+)$")
+_SEED = re.compile(r"^(.+)_seed_(\d+)$")
+_CI = re.compile(r"^(.+)_ci95$")
+
+
+def tb_tag(key: str, iter_width: int = 2) -> str | None:
+    """The grouped TensorBoard tag of a flat metric key; None for the step itself ("epoch").
+
+    Inner iterations and heads are numbered from 1, as in the report's plots, and iterations are
+    zero-padded to `iter_width` digits so that TensorBoard's text sort keeps their order.
+    """
+    if key == "epoch":
+        return None
+    if key in TAGS:
+        return TAGS[key]
+    if m := _ITER.match(key):
+        return f"{m[1]}/iter_{int(m[2]) + 1:0{iter_width}d}"
+    if m := _ALPHA.match(key):
+        return f"alpha/iter_{int(m[1]) + 1:0{iter_width}d}_head_{int(m[2]) + 1}"
+    if key.startswith("train_loss_"):
+        return f"loss/train_{key[len('train_loss_'):]}"
+    if m := _SEED.match(key):
+        return f"seeds/{m[1]}_seed_{m[2]}"
+    if m := _CI.match(key):
+        return f"ci95/{m[1]}"
+    return f"other/{key}"
+
+
+def tb_scalars(metrics: dict[str, Any], max_inner_iters: int) -> dict[str, float]:
+    """Finite numeric metrics of one epoch under their grouped tags, plus trial/epochs_done."""
+    width = max(2, len(str(max_inner_iters)))
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        tag = tb_tag(k, width)
+        if tag is not None and isinstance(v, (int, float)) and math.isfinite(float(v)):
+            out[tag] = float(v)
+    if "epoch" in metrics:
+        out[EPOCHS_DONE_TAG] = float(metrics["epoch"])
+    return out
+
+
+def hparam_values(config: dict[str, Any]) -> dict[str, bool | int | float | str]:
+    """A trial's config as HParams values: numbers stay numbers, bools bools.
+
+    HParams knows numbers, strings and bools only: a list (the seeds) becomes its text, and its
+    length is added as `n_seeds`.
+    """
+    out: dict[str, bool | int | float | str] = {}
+    for k, v in config.items():
+        if isinstance(v, (bool, int, float, str)):
+            out[k] = v
+        elif isinstance(v, (list, tuple)):
+            out[k] = ",".join(map(str, v))
+            if k == "seeds":
+                out["n_seeds"] = len(v)
+        elif v is not None:
+            out[k] = str(v)
+    return out
+
+
+def _value(v: bool | int | float | str):
+    from google.protobuf import struct_pb2
+
+    if isinstance(v, bool):
+        return struct_pb2.Value(bool_value=v)
+    if isinstance(v, (int, float)):
+        return struct_pb2.Value(number_value=float(v))
+    return struct_pb2.Value(string_value=str(v))
+
+
+def _summary(tag: str, **plugin_data: Any):
+    """A tensorboardX Summary carrying HParams plugin data under `tag`."""
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+    from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+
+    content = plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION,
+                                                **plugin_data)
+    smd = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
+        plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString()))
+    return Summary(value=[Summary.Value(tag=tag, metadata=smd)])
+
+
+def write_session_start(writer: Any, config: dict[str, Any], trial_id: str) -> None:
+    """A trial's HParams session (its hyperparameters); the driver writes how it ended."""
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    ssi = plugin_data_pb2.SessionStartInfo(group_name=trial_id, start_time_secs=time.time())
+    for k, v in hparam_values(config).items():
+        ssi.hparams[k].CopyFrom(_value(v))
+    writer.file_writer.add_summary(_summary(metadata.SESSION_START_INFO_TAG,
+                                            session_start_info=ssi))
+
+
+def _type(v: Any) -> int:
+    from tensorboard.plugins.hparams import api_pb2
+
+    if isinstance(v, bool):
+        return api_pb2.DATA_TYPE_BOOL
+    if isinstance(v, (int, float)):
+        return api_pb2.DATA_TYPE_FLOAT64
+    return api_pb2.DATA_TYPE_STRING
+
+
+def hparams_experiment(base: dict[str, Any], domains: dict[str, dict[str, Any]]):
+    """The experiment's HParams definition (a tensorboard api_pb2.Experiment).
+
+    Args:
+        base: the base config (every hyperparameter, with its constant value).
+        domains: swept key -> {"values": [...]} (a grid, or an Optuna choice) or
+            {"low": x, "high": y} (an Optuna interval).
+    Returns:
+        The Experiment: swept keys first with their domains and `differs` set, then the constant
+        ones with their single value.
+    """
+    from tensorboard.plugins.hparams import api_pb2
+
+    exp = api_pb2.Experiment(name="poh_tune", time_created_secs=time.time())
+    values = hparam_values(base)
+    for key in [*domains, *(k for k in values if k not in domains)]:
+        info = exp.hparam_infos.add(name=key, differs=key in domains)
+        dom = domains.get(key)
+        if dom is not None and "values" in dom:
+            vals = [hparam_values({key: v})[key] for v in dom["values"]]
+            info.type = _type(vals[0]) if len({_type(v) for v in vals}) == 1 else \
+                api_pb2.DATA_TYPE_STRING
+            if info.type == api_pb2.DATA_TYPE_STRING:
+                vals = [str(v) for v in vals]
+            info.domain_discrete.extend(vals)
+        elif dom is not None:
+            info.type = api_pb2.DATA_TYPE_FLOAT64
+            info.domain_interval.min_value = float(dom["low"])
+            info.domain_interval.max_value = float(dom["high"])
+        else:
+            info.type = _type(values[key])
+            info.domain_discrete.append(values[key])
+    for tag, description in HPARAMS_METRICS:
+        exp.metric_infos.add(name=api_pb2.MetricName(tag=tag), display_name=tag,
+                             description=description)
+    return exp
+
+
+def write_hparams_experiment(exp_dir: Path, base: dict[str, Any],
+                             domains: dict[str, dict[str, Any]]) -> None:
+    """Write the one HParams experiment of the run into the experiment directory's own events.
+
+    TensorBoard reads a single experiment definition per logdir (the first it finds); one per
+    trial left it to pick any of them, with no domains and every hyperparameter constant.
+    """
+    from tensorboard.plugins.hparams import metadata
+    from tensorboardX import SummaryWriter
+
+    # A file name of its own: tensorboardX names files by the second and would overwrite one.
+    writer = SummaryWriter(str(exp_dir), filename_suffix=".hparams")
+    try:
+        writer.file_writer.add_summary(_summary(metadata.EXPERIMENT_TAG,
+                                                experiment=hparams_experiment(base, domains)))
+    finally:
+        writer.close()
+
+
+def write_session_end(tb_dir: Path, status: str, epochs_done: int, stopped_early: bool) -> None:
+    """How a trial ended, in its own TensorBoard run: HParams status and trial/stopped_early.
+
+    Args:
+        tb_dir: the trial's TensorBoard folder.
+        status: "TERMINATED" (success) or "ERROR" (failure), as results.csv.
+        epochs_done: the last epoch it logged (the step of the stopped_early scalar).
+        stopped_early: the scheduler stopped it before its last epoch.
+    """
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+    from tensorboardX import SummaryWriter
+
+    sei = plugin_data_pb2.SessionEndInfo(
+        status=api_pb2.STATUS_FAILURE if status == "ERROR" else api_pb2.STATUS_SUCCESS,
+        end_time_secs=time.time())
+    writer = SummaryWriter(str(tb_dir), filename_suffix=".end")  # never the trial's file name
+    try:
+        writer.add_scalar(STOPPED_EARLY_TAG, float(stopped_early), max(0, epochs_done))
+        writer.file_writer.add_summary(_summary(metadata.SESSION_END_INFO_TAG,
+                                                session_end_info=sei))
+    finally:
+        writer.close()
