@@ -58,6 +58,7 @@ class TrialConfig:
     controller_warmup_epochs: int = 5  # the controller's optimizer does not step before this epoch
     diagnostics: bool = True  # per-iteration τ / entropy / α statistics at every evaluation
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    cuda_graphs: str = "auto"  # "auto": whole steps as CUDA graphs on a GPU (eager elsewhere); "off"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -96,6 +97,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss": ("ranknet", "listnet", "soft_sort", "combined", "pointer_ce"),
     "loss_pairs": ("observed", "all"),
     "deep_supervision": ("none", "uniform", "linear"),
+    "cuda_graphs": ("auto", "off"),
 }
 
 # (low, high, low_inclusive, high_inclusive); None = unbounded.

@@ -12,6 +12,7 @@ import torch
 from poh_tune import losses
 from poh_tune.config import PACK_SHAREABLE, TrialConfig, pack_key
 from poh_tune.data import SortData, make_splits
+from poh_tune.graphs import GraphedFunction
 from poh_tune.metrics import (
     kendall_tau,
     mean_ci95,
@@ -97,12 +98,22 @@ class TrialRunner:
         mc = self.member_cfg
         self.enc_params = self.model.encoder_parameters()
         self.ctrl_params = self.model.controller_parameters()
+        graphs = self.cfg.cuda_graphs == "auto" and self.device.type == "cuda"
         self.enc_opt = MemberAdamW(self.enc_params, [c.lr_encoder for c in mc],
-                                   [c.weight_decay for c in mc], [c.clip_encoder for c in mc])
+                                   [c.weight_decay for c in mc], [c.clip_encoder for c in mc],
+                                   capturable=graphs)
         self.ctrl_opt = (MemberAdamW(self.ctrl_params, [c.lr_controller for c in mc],
                                      [c.weight_decay for c in mc],
-                                     [c.clip_controller for c in mc])
+                                     [c.clip_controller for c in mc], capturable=graphs)
                          if self.ctrl_params else None)
+        self._member_rows = torch.arange(len(self.members), device=self.device).unsqueeze(1)
+        self._x_all, self._obs_all = self.data["train"].inputs()
+        self._active: tuple[bool, ...] = ()
+        self._eval_diagnostics = True
+        # Whole steps and evaluation chunks as CUDA graphs (graphs.py); eager elsewhere.
+        self._graphed_step = GraphedFunction(self._train_step, self.device, graphs, "training step")
+        self._graphed_eval = GraphedFunction(self._eval_chunk, self.device, graphs,
+                                             "evaluation")
         self.ds_weights = torch.tensor(
             losses.supervision_weights(self.cfg.deep_supervision, self.model.cfg.n_iters),
             device=self.device)
@@ -169,36 +180,19 @@ class TrialRunner:
         cfg, e = self.cfg, self.epoch
         temps, ent_ws, frozen = self.schedules(e)
         temp_S, ent_w_S = self._member_tensor(temps), self._member_tensor(ent_ws)
-        active = [not f for f in frozen]
-        ctrl_trains = self.ctrl_opt is not None and any(active)
+        self._active = tuple(not f for f in frozen)
         for p in self.ctrl_params:
-            p.requires_grad_(ctrl_trains)  # all frozen: no gradient is even computed for it
+            p.requires_grad_(any(self._active))  # all frozen: no gradient is even computed for it
         self.model.train()
-        train = self.data["train"]
-        S, N, _ = train.values.shape
+        S, N, _ = self.data["train"].values.shape
         # Data order per (seed, epoch): the same whether a seed trains alone or with others.
         order = torch.stack([torch.randperm(N, generator=torch.Generator().manual_seed(
             s * 1_000_003 + e)) for s in self.seeds]).to(self.device)  # (S, N)
-        rows = torch.arange(S, device=self.device).unsqueeze(1)
-        x_all, obs_all = train.inputs()
         sums = torch.zeros(3, S, device=self.device)
         n_batches = 0
-        pointer = cfg.loss == "pointer_ce"
         for i in range(0, N, cfg.batch_size):
-            idx = rows, order[:, i: i + cfg.batch_size]  # (S, B) per-member samples
-            batch = SortData(train.values[idx], train.obs_mask[idx], train.perm[idx], train.ranks[idx])
-            out = self.model(x_all[idx], obs_all[idx], temp_S, keep_hidden=pointer)
-            loss, parts = self._loss(out, batch, ent_w_S)
-            self.enc_opt.zero_grad()
-            if self.ctrl_opt is not None:
-                self.ctrl_opt.zero_grad()
-            loss.sum().backward()  # members share no parameter: each gets its own gradient
-            self.enc_opt.clip()
-            self.enc_opt.step()
-            if ctrl_trains:
-                self.ctrl_opt.clip()
-                self.ctrl_opt.step(active)
-            sums += parts
+            idx = order[:, i: i + cfg.batch_size]  # (S, B) per-member samples
+            sums += self._graphed_step((idx.shape[1], self._active), idx, temp_S, ent_w_S)
             n_batches += 1
             yield
         means = (sums / n_batches).T.tolist()  # S rows of (total, rank, entropy)
@@ -213,6 +207,28 @@ class TrialRunner:
                  "train_entropy": ent, "temperature": t, "entropy_weight": w,
                  "controller_frozen": f}
                 for (total, rank, ent), t, w, f in zip(means, temps, ent_ws, frozen, strict=True)]
+
+    def _train_step(self, idx: torch.Tensor, temp_S: torch.Tensor, ent_w_S: torch.Tensor
+                    ) -> torch.Tensor:
+        """One optimizer step of every member on its samples idx (S, B); returns the step's
+        loss parts (3, S). Everything that varies between steps is in the tensor arguments and
+        everything else is fixed for the epoch, so a CUDA graph can replay it."""
+        train = self.data["train"]
+        sel = self._member_rows, idx
+        batch = SortData(train.values[sel], train.obs_mask[sel], train.perm[sel], train.ranks[sel])
+        out = self.model(self._x_all[sel], self._obs_all[sel], temp_S,
+                         keep_hidden=self.cfg.loss == "pointer_ce")
+        loss, parts = self._loss(out, batch, ent_w_S)
+        self.enc_opt.zero_grad()
+        if self.ctrl_opt is not None:
+            self.ctrl_opt.zero_grad()
+        loss.sum().backward()  # members share no parameter: each gets its own gradient
+        self.enc_opt.clip()
+        self.enc_opt.step()
+        if self.ctrl_opt is not None and any(self._active):
+            self.ctrl_opt.clip()
+            self.ctrl_opt.step(self._active)
+        return parts
 
     def run_epoch_per_seed(self) -> list[dict[str, Any]]:
         """Train one epoch, evaluate on dev (and on test for the members whose dev τ improved);
@@ -253,51 +269,22 @@ class TrialRunner:
         """Per member: τ (mask-aware and all pairs), accuracy and, with diagnostics,
         per-iteration τ, routing entropy, Herfindahl index, mean max α and mean α per
         (iteration, head). temperature: one for all members, or one per member."""
-        if not isinstance(temperature, (int, float)):
-            temperature = self._member_tensor(list(temperature))
+        S, N, L = self.data[split].values.shape
+        temps = [float(temperature)] * S if isinstance(temperature, (int, float)) else temperature
+        temp_S = self._member_tensor(list(temps))
         self.model.eval()
         data = self.data[split]
         x, obs = data.inputs()
-        S, N, L = data.values.shape
-        pointer = self.cfg.loss == "pointer_ce"
+        self._eval_diagnostics = diagnostics
         sums: dict[str, torch.Tensor] = {}
-
-        def add(key: str, per_sample: torch.Tensor) -> None:  # (..., S, n) -> summed over n
-            v = per_sample.sum(-1)
-            sums[key] = sums[key] + v if key in sums else v
-
         chunk = max(1, EVAL_TOKENS // (S * L))
         for i in range(0, N, chunk):
             sl = slice(i, i + chunk)
-            ranks, mask = data.ranks[:, sl], data.obs_mask[:, sl]
-            out = self.model(x[:, sl], obs[:, sl], temperature, keep_hidden=pointer)
-            T, _, n, _ = out.scores.shape
-            if pointer:  # greedy decoding of every iteration in one batched loop over ranks
-                h = out.hidden.transpose(0, 1).reshape(S, T * n, L, -1)  # members first
-                pred = self.model.pointer.greedy_ranks(h).view(S, T, n, L).transpose(0, 1)
-                order = pred  # the decoder's output is a permutation: it has no ties
-            else:
-                pred = ranks_from_scores(out.scores)  # (T, S, n, L)
-                # τ reads the scores themselves, so tied scores are ties (SPEC), not ordered by
-                # position as the stable argsort of `pred` would order them.
-                order = out.scores
-            last = order[-1]
-            acc, perfect = sort_accuracy(pred[-1], ranks)
-            add("tau", kendall_tau(last.reshape(-1, L), ranks.reshape(-1, L),
-                                   mask.reshape(-1, L)).view(S, n))
-            add("tau_all", kendall_tau(last.reshape(-1, L), ranks.reshape(-1, L)).view(S, n))
-            add("accuracy", acc)
-            add("perfect_sort", perfect)
-            if diagnostics:
-                ranks_T = ranks.expand(T, S, n, L).reshape(-1, L)
-                mask_T = mask.expand(T, S, n, L).reshape(-1, L)
-                add("tau_iter", kendall_tau(order.reshape(-1, L), ranks_T, mask_T).view(T, S, n))
-                if out.alphas is not None:
-                    st = routing_stats(out.alphas)  # each (T, S, n, L)
-                    add("entropy_iter", st["entropy"].mean(-1))  # (T, S)
-                    add("herfindahl", st["herfindahl"].mean((0, 3)))  # (S,)
-                    add("max_alpha", st["max_alpha"].mean((0, 3)))
-                    add("alpha_mean", out.alphas.mean(3).permute(0, 3, 1, 2))  # (T, H, S)
+            key = (x[:, sl].shape[1], diagnostics)
+            part = self._graphed_eval(key, x[:, sl], obs[:, sl], data.ranks[:, sl],
+                                      data.obs_mask[:, sl], temp_S)
+            for k, v in part.items():
+                sums[k] = sums[k] + v if k in sums else v.clone()
         res: list[dict[str, Any]] = [{} for _ in range(S)]
         for key, total in sums.items():
             v = (total / N).cpu()
@@ -314,6 +301,48 @@ class TrialRunner:
             if "herfindahl" in r:
                 r["routing_healthy"] = routing_healthy([r["herfindahl"]], [r["max_alpha"]])
         return res
+
+    @torch.no_grad()
+    def _eval_chunk(self, x: torch.Tensor, obs: torch.Tensor, ranks: torch.Tensor,
+                    mask: torch.Tensor, temp_S: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The metrics of one chunk of samples, summed over its samples: each (S,), or (T, S)
+        and (T, H, S) per iteration. x, obs, ranks, mask: (S, n, L); temp_S: (S,)."""
+        S, n, L = x.shape
+        pointer = self.cfg.loss == "pointer_ce"
+        sums: dict[str, torch.Tensor] = {}
+
+        def add(key: str, per_sample: torch.Tensor) -> None:  # (..., S, n) -> summed over n
+            sums[key] = per_sample.sum(-1)
+
+        out = self.model(x, obs, temp_S, keep_hidden=pointer)
+        T = out.scores.shape[0]
+        if pointer:  # greedy decoding of every iteration in one batched loop over ranks
+            h = out.hidden.transpose(0, 1).reshape(S, T * n, L, -1)  # members first
+            pred = self.model.pointer.greedy_ranks(h).view(S, T, n, L).transpose(0, 1)
+            order = pred  # the decoder's output is a permutation: it has no ties
+        else:
+            pred = ranks_from_scores(out.scores)  # (T, S, n, L)
+            # τ reads the scores themselves, so tied scores are ties (SPEC), not ordered by
+            # position as the stable argsort of `pred` would order them.
+            order = out.scores
+        last = order[-1]
+        acc, perfect = sort_accuracy(pred[-1], ranks)
+        add("tau", kendall_tau(last.reshape(-1, L), ranks.reshape(-1, L),
+                               mask.reshape(-1, L)).view(S, n))
+        add("tau_all", kendall_tau(last.reshape(-1, L), ranks.reshape(-1, L)).view(S, n))
+        add("accuracy", acc)
+        add("perfect_sort", perfect)
+        if self._eval_diagnostics:
+            ranks_T = ranks.expand(T, S, n, L).reshape(-1, L)
+            mask_T = mask.expand(T, S, n, L).reshape(-1, L)
+            add("tau_iter", kendall_tau(order.reshape(-1, L), ranks_T, mask_T).view(T, S, n))
+            if out.alphas is not None:
+                st = routing_stats(out.alphas)  # each (T, S, n, L)
+                add("entropy_iter", st["entropy"].mean(-1))  # (T, S)
+                add("herfindahl", st["herfindahl"].mean((0, 3)))  # (S,)
+                add("max_alpha", st["max_alpha"].mean((0, 3)))
+                add("alpha_mean", out.alphas.mean(3).permute(0, 3, 1, 2))  # (T, H, S)
+        return sums
 
     # --- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
