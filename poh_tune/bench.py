@@ -219,8 +219,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="estimate the wall time of a grid space here (default: the document's)")
     ap.add_argument("--experiment", action="append", default=None,
                     help="with --estimate-grid: only this experiment (repeatable)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cuda: eager against CUDA-graphed steps on the GPU (bench_cuda)")
+    ap.add_argument("--pack", type=int, default=1, metavar="N",
+                    help="with --device cuda: N configurations trained together")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
+    if args.device == "cuda":
+        return _main_cuda(args)
     if args.estimate_grid is not None:
         try:
             print(json.dumps(estimate_grid(args.estimate_grid or None, args.experiment)))
@@ -242,6 +248,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(bench(cfg, args.epochs, args.warmup, args.seeds, args.batch_reference,
                            args.split_reference)))
+    return 0
+
+
+def _main_cuda(args: argparse.Namespace) -> int:
+    from poh_tune import bench_cuda
+
+    if not torch.cuda.is_available():
+        print("error: --device cuda: torch sees no CUDA device here (torch "
+              f"{torch.__version__}); run it on a machine with a GPU", file=sys.stderr)
+        return 2
+    if args.pack < 1 or args.seeds < 1 or args.epochs < 1:
+        print(f"error: --pack, --seeds and --epochs must be >= 1; got --pack {args.pack} "
+              f"--seeds {args.seeds} --epochs {args.epochs}", file=sys.stderr)
+        return 2
+    try:
+        if args.estimate_grid is not None:
+            res = bench_cuda.estimate_grid_device(args.estimate_grid or None, args.experiment,
+                                                  "cuda", args.pack if args.pack > 1 else None)
+        else:
+            cfg = load_config(None, {"controller_warmup_epochs": 0}
+                              | parse_overrides(args.overrides))
+            res = bench_cuda.bench_device(cfg, "cuda", args.epochs, args.seeds, args.pack)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(res))
     return 0
 
 

@@ -115,3 +115,30 @@ def test_split_reference_turns_the_cpu_split_off_only_inside_its_steps(run_bench
     assert res["split_speedup_2_seeds"] == ratio_of(
         res["train_epoch_s_2_seeds_bmm"], res["train_epoch_s_2_seeds"])
     assert model.SPLIT_MIN_MACS == threshold  # the bench leaves the model as it found it
+
+
+def test_device_bench_runs_eager_and_graphed_side_by_side(tiny_cfg):
+    """The GPU bench's code on the CPU (both runs eager there): same results, every figure."""
+    from poh_tune.bench_cuda import bench_device
+
+    res = bench_device(tiny_cfg.replace(controller_warmup_epochs=0), "cpu", epochs=1, seeds=2,
+                       pack=2)
+    assert res["members"] == 4 and res["configs"] == 2
+    assert res["max_abs_diff"] == {"train_loss": 0.0, "tau": 0.0, "test_tau": 0.0}
+    assert res["graphs"] == {"step": 0, "eval": 0, "failure": None}
+    for mode in ("eager", "graphed"):
+        prof = res[f"{mode}_profile"]
+        assert prof["aten_ops_per_step"] > 100 and prof["kernels_per_step"] == 0
+        assert res[f"{mode}_step_ms"] > 0
+
+
+def test_device_bench_without_cuda_is_a_one_line_error(capsys):
+    import torch
+
+    from poh_tune import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert bench.main(["--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device cuda: torch sees no CUDA device") and err.count("\n") == 1
