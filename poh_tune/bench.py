@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from poh_tune import model
+from poh_tune import ensemble
 from poh_tune.config import ConfigError, load_config, parse_overrides
 from poh_tune.model import forward_flops
 from poh_tune.trainer import TrialRunner
@@ -34,6 +34,27 @@ def matmul_peak_gflops(n: int = PEAK_N, repeats: int = 5) -> float:
         a @ b
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
+
+
+def aten_ops_per_step(cfg, device: str = "cpu") -> int:
+    """aten calls the PyTorch profiler records in one optimizer step (data indexing, forward,
+    loss, backward, clipping, optimizer; nested calls included), after one warm-up step.
+
+    The eager path pays a fixed cost for every call (the CPU always, a GPU on its first,
+    uncaptured step), so this is the cost a faster kernel cannot remove. Deterministic for a
+    given configuration: unlike a time, it can be compared across machines and runs. `cfg` needs
+    at least two optimizer steps per epoch.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    if cfg.train_samples // cfg.batch_size < 2:
+        raise ValueError(f"aten_ops_per_step needs two optimizer steps in an epoch; got "
+                         f"train_samples={cfg.train_samples}, batch_size={cfg.batch_size}")
+    steps = TrialRunner(cfg, device).train_steps()
+    next(steps)  # warm-up: first-call allocations and lazy initialisation stay out of the count
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        next(steps)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
 
 
 class Timed:
@@ -58,12 +79,12 @@ class Timed:
     @contextlib.contextmanager
     def matmuls(self):
         """With split=False, the ensemble's CPU matmul split is off: every member in one bmm."""
-        saved = model.SPLIT_MIN_MACS
-        model.SPLIT_MIN_MACS = saved if self.split else 1 << 62
+        saved = ensemble.SPLIT_MIN_MACS
+        ensemble.SPLIT_MIN_MACS = saved if self.split else 1 << 62
         try:
             yield
         finally:
-            model.SPLIT_MIN_MACS = saved
+            ensemble.SPLIT_MIN_MACS = saved
 
     @property
     def best(self) -> float:
@@ -108,7 +129,7 @@ def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1,
     With `batch_reference`, also one seed on a k times larger batch and training set: the same
     arithmetic as k seeds in the same number of steps, but in k times larger matmuls, the best
     that batching k seeds can hope for where the arithmetic is the limit. With
-    `split_reference`, also k seeds with the CPU matmul split off (`poh_tune.model._split`)."""
+    `split_reference`, also k seeds with the CPU matmul split off (`poh_tune.ensemble._split`)."""
     peak = matmul_peak_gflops()
     runs = [Timed(cfg.replace(seeds=[cfg.seeds[0]]), "1 seed")]
     extra: dict[str, Timed] = {}
@@ -141,6 +162,7 @@ def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1,
         "achieved_gflops": round(one.gflop / one.best, 2),
         "peak_gflops": round(peak, 2),
         "mfu": round(one.gflop / one.best / peak, 4),
+        "aten_ops_per_step": aten_ops_per_step(one.cfg),
     }
     if seeds > 1:
         k = runs[1]

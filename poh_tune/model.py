@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from poh_tune.ensemble import EGRUCell, ELayerNorm, ELinear, ebaddmm, routed_attention_core
+
 
 @dataclass
 class ModelConfig:
@@ -35,98 +37,6 @@ class ModelConfig:
         return self.max_inner_iters if self.model == "pot" else 1
 
 
-# Below this many multiply-adds per member, a matmul is too small for the split to pay for its
-# Python overhead (about 0.1 ms a call, forward and backward): d -> 1 scores, c -> H router.
-SPLIT_MIN_MACS = 1 << 21
-
-
-def _split(S: int, device: torch.device, rows: int, d_in: int, d_out: int) -> int:
-    """How many leading members go through one batched matmul; the rest go one at a time.
-
-    On CPU a batched matmul gives each thread whole batch items, so S items over T threads cost
-    ceil(S/T) rounds: 5 members on 2 threads cost as much as 6. Whole rounds of members go
-    through bmm, and the remainder through plain matmuls that use every thread.
-    """
-    if device.type != "cpu" or S == 1 or rows * d_in * d_out < SPLIT_MIN_MACS:
-        return S
-    T = torch.get_num_threads()
-    return S - S % T if T > 1 else S
-
-
-def _split_bmm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
-    """out[s] = a[s] @ b[s]: members [0, n) in one bmm, the rest one matmul each."""
-    if n:
-        torch.bmm(a[:n], b[:n], out=out[:n])
-    for s in range(n, a.shape[0]):
-        torch.mm(a[s], b[s], out=out[s])
-    return out
-
-
-class _EnsembleLinear(torch.autograd.Function):
-    """y[s] = b[s] + x[s] @ W[s] for every member s, with the forward and both backward matmuls
-    split as `_split` says, into preallocated outputs (no cat). b is (S, 1, M) or (S, N, M)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
-        S, N, _ = x.shape
-        y = x.new_empty(S, N, w.shape[-1])
-        if n:
-            torch.baddbmm(b[:n], x[:n], w[:n], out=y[:n])
-        for s in range(n, S):
-            torch.addmm(b[s], x[s], w[s], out=y[s])
-        ctx.save_for_backward(x, w)
-        ctx.n, ctx.broadcast_b = n, b.shape[1] == 1
-        return y
-
-    @staticmethod
-    def backward(ctx, gy: torch.Tensor):
-        x, w = ctx.saved_tensors
-        n = ctx.n
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = _split_bmm(torch.empty_like(x), gy, w.transpose(1, 2), n)
-        if ctx.needs_input_grad[1]:
-            gw = _split_bmm(torch.empty_like(w), x.transpose(1, 2), gy, n)
-        if ctx.needs_input_grad[2]:
-            gb = gy.sum(1, keepdim=True) if ctx.broadcast_b else gy
-        return gx, gw, gb, None
-
-
-def ebaddmm(base: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """base + x @ w for every member: x (S, N, K), w (S, K, M), base (S, 1, M) or (S, N, M)."""
-    S, N, K = x.shape
-    n = _split(S, x.device, N, K, w.shape[-1])
-    if n == S:
-        return torch.baddbmm(base, x, w)
-    return _EnsembleLinear.apply(x, w, base, n)
-
-
-class ELinear(nn.Module):
-    """S independent linear layers applied in one batched matmul; init as nn.Linear."""
-
-    def __init__(self, S: int, d_in: int, d_out: int, init_bound: float | None = None):
-        super().__init__()
-        bound = init_bound if init_bound is not None else 1 / math.sqrt(d_in)
-        self.weight = nn.Parameter(torch.empty(S, d_in, d_out).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(S, 1, d_out).uniform_(-bound, bound))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        S, *mid, d_in = x.shape
-        return ebaddmm(self.bias, x.reshape(S, -1, d_in), self.weight).view(S, *mid, -1)
-
-
-class ELayerNorm(nn.Module):
-    def __init__(self, S: int, d: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(S, d))
-        self.bias = nn.Parameter(torch.zeros(S, d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-        return torch.addcmul(self.bias.view(shape), F.layer_norm(x, x.shape[-1:]),
-                             self.weight.view(shape))
-
-
 class RoutedAttention(nn.Module):
     """Multi-head self-attention, all heads in one batched call; head outputs optionally scaled by α."""
 
@@ -136,15 +46,12 @@ class RoutedAttention(nn.Module):
         self.qkv = ELinear(S, d_model, 3 * d_model)
         self.out = ELinear(S, d_model, d_model)
 
-    def forward(self, x: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
-        S, B, L, D = x.shape
-        H = self.n_heads
-        qkv = self.qkv(x).view(S * B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv  # each (S*B, H, L, hs)
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (S*B, L, H, hs)
-        if alpha is not None:
-            o = o * alpha.reshape(S * B, L, H, 1)  # head h's output weighted by its α
-        return self.out(o.reshape(S, B, L, D))
+    def forward(self, x: torch.Tensor, alpha: torch.Tensor | None = None,
+                L: int | None = None) -> torch.Tensor:
+        """x (S, B, L, D), alpha (S, B, L, H) or None -> (S, B, L, D); or x as rows
+        (S, B*L, D) with L given."""
+        L = x.shape[2] if L is None else L
+        return self.out(routed_attention_core(self.qkv(x), alpha, L, self.n_heads))
 
 
 class Block(nn.Module):
@@ -159,30 +66,11 @@ class Block(nn.Module):
         self.ln2 = ELayerNorm(S, d_model)
 
     def forward(self, x: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.ln1(x + self.attn(x, alpha))
-        return self.ln2(x + self.ff2(F.relu(self.ff1(x))))
-
-
-class EGRUCell(nn.Module):
-    """S independent GRU cells (torch.nn.GRUCell's equations and init) on (S, N, ·) inputs."""
-
-    def __init__(self, S: int, d_in: int, d_hidden: int):
-        super().__init__()
-        bound = 1 / math.sqrt(d_hidden)
-        self.ih = ELinear(S, d_in, 3 * d_hidden, bound)
-        self.hh = ELinear(S, d_hidden, 3 * d_hidden, bound)
-
-    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return self.from_gates(self.ih(x), h)
-
-    def from_gates(self, gi: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """The cell given its input gates gi = ih(x), (S, N, 3 * d_hidden)."""
-        i_r, i_z, i_n = gi.chunk(3, dim=-1)
-        h_r, h_z, h_n = self.hh(h).chunk(3, dim=-1)
-        r = torch.sigmoid(i_r + h_r)
-        z = torch.sigmoid(i_z + h_z)
-        n = torch.tanh(i_n + r * h_n)
-        return torch.lerp(n, h, z)  # (1 - z) * n + z * h
+        """x (S, B, L, D), alpha (S, B, L, H) or None -> (S, B, L, D)."""
+        S, B, L, D = x.shape
+        x = x.view(S, B * L, D)  # rows: 3-D all through, no reshapes in the layers inside
+        x = self.ln1(x + self.attn(x, alpha, L))
+        return self.ln2(x + self.ff2(self.ff1(x, relu=True))).view(S, B, L, D)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from poh_tune import bench
 
@@ -61,7 +62,28 @@ def test_one_seed_has_no_seed_keys(run_bench):
     assert rc == 0
     res = json.loads(out)
     assert "seeds" not in res and not any("seeds" in k for k in res)
+    assert isinstance(res["aten_ops_per_step"], int) and res["aten_ops_per_step"] > 100
     assert 0 < res["eval_fraction"] < 10
+
+
+def test_aten_ops_per_step_counts_the_step_the_profiler_sees(tiny_cfg):
+    """The bench's count equals one taken here with the legacy autograd profiler over the same
+    step, and it measures the model: the baseline (one block, no controller) has far fewer
+    calls than PoH (a block and a controller step per iteration)."""
+    from poh_tune.trainer import TrialRunner
+
+    cfg = tiny_cfg.replace(seeds=[1], controller_warmup_epochs=0)
+    steps = TrialRunner(cfg).train_steps()
+    next(steps)
+    with torch.autograd.profiler.profile() as prof:
+        next(steps)
+    direct = sum(1 for e in prof.function_events if e.name.startswith("aten::"))
+    poh = bench.aten_ops_per_step(cfg)
+    assert poh == direct
+    baseline = bench.aten_ops_per_step(cfg.replace(model="baseline"))
+    assert 100 < baseline < poh / 2
+    with pytest.raises(ValueError, match="two optimizer steps"):
+        bench.aten_ops_per_step(cfg.replace(train_samples=cfg.batch_size))
 
 
 @pytest.mark.parametrize("args, named", [(["--seeds", "0"], "--seeds"),
@@ -96,25 +118,23 @@ def test_epochs_are_interleaved_step_by_step(tiny_cfg):
 
 def test_split_reference_turns_the_cpu_split_off_only_inside_its_steps(run_bench,
                                                                       two_torch_threads):
-    import torch
+    from poh_tune import ensemble
 
-    from poh_tune import model
-
-    threshold = model.SPLIT_MIN_MACS
+    threshold = ensemble.SPLIT_MIN_MACS
     big = (5, torch.device("cpu"), 640, 128, 384)
     on, off = bench.Timed.__new__(bench.Timed), bench.Timed.__new__(bench.Timed)
     on.split, off.split = True, False
     with on.matmuls():
-        assert model._split(*big) == 4  # 4 members through bmm, 1 alone
+        assert ensemble._split(*big) == 4  # 4 members through bmm, 1 alone
     with off.matmuls():
-        assert model._split(*big) == 5  # every member through one bmm
-    assert model._split(*big) == 4  # restored
+        assert ensemble._split(*big) == 5  # every member through one bmm
+    assert ensemble._split(*big) == 4  # restored
     rc, out, _ = run_bench("--epochs", "2", "--warmup", "0", "--seeds", "2", "--split-reference")
     res = json.loads(out)
     assert rc == 0 and len(res["train_epoch_s_2_seeds_all"]) == 2
     assert res["split_speedup_2_seeds"] == ratio_of(
         res["train_epoch_s_2_seeds_bmm"], res["train_epoch_s_2_seeds"])
-    assert model.SPLIT_MIN_MACS == threshold  # the bench leaves the model as it found it
+    assert ensemble.SPLIT_MIN_MACS == threshold  # the bench leaves the model as it found it
 
 
 def test_device_bench_runs_eager_and_graphed_side_by_side(tiny_cfg):

@@ -133,11 +133,11 @@ def test_member_adamw_equals_torch_adamw_per_member_and_frozen_members_stay():
 @pytest.mark.parametrize("split", [False, True], ids=["bmm", "split-matmul"])
 def test_seeds_trained_together_equal_each_seed_alone(tiny_cfg, split, monkeypatch,
                                                      two_torch_threads):
-    import poh_tune.model
+    import poh_tune.ensemble
 
     # 3 members on 2 threads: with the split, 2 through bmm and 1 alone (the path 5 seeds on
     # this 2-core machine take); without it, all 3 through one bmm.
-    monkeypatch.setattr(poh_tune.model, "SPLIT_MIN_MACS", 0 if split else 1 << 62)
+    monkeypatch.setattr(poh_tune.ensemble, "SPLIT_MIN_MACS", 0 if split else 1 << 62)
     cfg = tiny_cfg.replace(seeds=[1, 2, 3], epochs=3, threads=2)
     together = TrialRunner(cfg)
     alone = {s: TrialRunner(cfg.replace(seeds=[s])) for s in (1, 3)}
