@@ -1,5 +1,8 @@
 """Ranking losses on per-position scores, mask-aware; scores are ordered like the values.
 
+Scores are (..., L); targets and masks are (..., L) with leading dims that broadcast against the
+scores' (the trainer scores every inner iteration against one set of targets).
+
 Every loss comes in two forms: `<name>_per_sample(...) -> (N,)`, which the trainer uses to supervise
 all inner iterations in one call, and `<name>_loss(...) -> scalar`, the mean over samples.
 """
@@ -26,7 +29,8 @@ def ranknet_per_sample(scores: torch.Tensor, target_ranks: torch.Tensor, obs_mas
     diff = scores.unsqueeze(-1) - scores.unsqueeze(-2)  # (N, L, L)
     label = (target_ranks.unsqueeze(-1) > target_ranks.unsqueeze(-2)).to(scores.dtype)
     pairs = _pair_mask(target_ranks, obs_mask).to(scores.dtype)
-    bce = F.binary_cross_entropy_with_logits(diff, label, reduction="none")
+    # Leading dims of the targets may broadcast against the scores' (iterations x samples).
+    bce = F.binary_cross_entropy_with_logits(diff, label.expand_as(diff), reduction="none")
     return (bce * pairs).sum((-1, -2)) / pairs.sum((-1, -2)).clamp_min(1)
 
 
@@ -42,7 +46,7 @@ def listnet_per_sample(scores: torch.Tensor, target_ranks: torch.Tensor, obs_mas
     softmax(-rank), so the smallest values are ranked too; scores equal to the ranks minimise it.
     """
     y = target_ranks.to(scores.dtype)
-    total = scores.new_zeros(scores.shape[0])
+    total = scores.new_zeros(scores.shape[:-1])
     for sign in (1.0, -1.0):
         p = torch.softmax((sign * y).masked_fill(~obs_mask, float("-inf")), dim=-1)
         logq = _masked_log_softmax(sign * scores, obs_mask)

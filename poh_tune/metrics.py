@@ -45,11 +45,18 @@ def sort_accuracy(pred_ranks: torch.Tensor, target_ranks: torch.Tensor) -> tuple
     return hit.float().mean(dim=-1), hit.all(dim=-1).float()
 
 
+def routing_entropy(alpha: torch.Tensor) -> torch.Tensor:
+    """Entropy of α (..., H) -> (...): what the training loss needs of routing_stats.
+
+    log is taken of α clamped at 1e-12, so a weight that underflowed to 0 has a finite
+    gradient (torch.special.entr's is infinite at 0)."""
+    return -(alpha * alpha.clamp_min(1e-12).log()).sum(-1)
+
+
 def routing_stats(alpha: torch.Tensor) -> dict[str, torch.Tensor]:
     """Routing statistics of α (..., H) over tokens: entropy, Herfindahl index, mean max α."""
-    a = alpha.clamp_min(1e-12)
     return {
-        "entropy": -(alpha * a.log()).sum(-1),
+        "entropy": routing_entropy(alpha),
         "herfindahl": (alpha * alpha).sum(-1),
         "max_alpha": alpha.amax(-1),
     }

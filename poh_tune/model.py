@@ -15,7 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from poh_tune.ensemble import EGRUCell, ELayerNorm, ELinear, ebaddmm, routed_attention_core
+from poh_tune.ensemble import (
+    EGRUCell,
+    ELayerNorm,
+    ELinear,
+    ebaddmm,
+    routed_attention_core,
+)
 
 
 @dataclass
@@ -82,12 +88,28 @@ class HRMCarry:
     # z_H's share of the fast cell's input gates and of the router logits (biases included),
     # (S, B*L or 1, 3*d_ctrl) and (S, B*L or 1, H): recomputed only when z_H changes.
     z_H_proj: tuple[torch.Tensor, torch.Tensor] | None = None
+    # The z_L / u and z_H halves of the fast cell's input weight and of the router's weight,
+    # sliced once per forward pass (one slice and one gradient accumulation each, not one per
+    # iteration). Parameters, not state: never detached.
+    weights: HRMWeights | None = None
 
     def detach(self) -> HRMCarry:
         # The cache is dropped, not detached: z_H_proj holds the router's and the fast cell's
         # z_H weights and biases, which must still learn from the next iteration's loss. The
         # next step recomputes it from the detached z_H.
-        return HRMCarry(self.z_L.detach(), self.z_H.detach(), None)
+        return HRMCarry(self.z_L.detach(), self.z_H.detach(), None, self.weights)
+
+
+@dataclass
+class HRMWeights:
+    # The fast cell's input gates from the token state x: gi = x @ inp.W @ ih_u + ..., inp and
+    # the token half of ih composed once per forward (no nonlinearity between them), so every
+    # iteration runs one matmul instead of two.
+    x_gates: torch.Tensor  # (S, d_model, 3*d_ctrl) = inp.weight @ ih.weight[:, :d_ctrl]
+    gate_bias: torch.Tensor  # (S, 1, 3*d_ctrl) = inp.bias @ ih.weight[:, :d_ctrl] + ih.bias
+    ih_z: torch.Tensor  # (S, d_ctrl, 3*d_ctrl) fast cell, z_H half
+    router_L: torch.Tensor  # (S, d_ctrl, H) router, z_L half
+    router_z: torch.Tensor  # (S, d_ctrl, H) router, z_H half
 
 
 class HRMController(nn.Module):
@@ -113,19 +135,26 @@ class HRMController(nn.Module):
 
     def init_carry(self, n_tokens: int) -> HRMCarry:
         S, _, c = self.z_L0.shape
+        w = self.weights()
         # Every token starts from the same z_H: project it once, broadcast over tokens.
         return HRMCarry(self.z_L0.expand(S, n_tokens, c), self.z_H0.expand(S, n_tokens, c),
-                        self.project_z_H(self.z_H0))
+                        self.project_z_H(self.z_H0, w), w)
 
-    def project_z_H(self, z_H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def weights(self) -> HRMWeights:
+        c = self.z_L0.shape[-1]
+        ih, r = self.cell_L.ih.weight, self.router.weight
+        ih_u = ih[:, :c]
+        return HRMWeights(torch.bmm(self.inp.weight, ih_u),
+                          torch.baddbmm(self.cell_L.ih.bias, self.inp.bias, ih_u),
+                          ih[:, c:], r[:, :c], r[:, c:])
+
+    def project_z_H(self, z_H: torch.Tensor, w: HRMWeights) -> tuple[torch.Tensor, torch.Tensor]:
         """z_H's terms of the fast cell's input gates and of the router, biases included.
 
         The fast cell reads [u, z_H] and the router [z_L, z_H]; both are linear in the
         concatenation, so each splits into a z_H part that changes only with z_H.
         """
-        c = z_H.shape[-1]
-        return (ebaddmm(self.cell_L.ih.bias, z_H, self.cell_L.ih.weight[:, c:]),
-                ebaddmm(self.router.bias, z_H, self.router.weight[:, c:]))
+        return (ebaddmm(w.gate_bias, z_H, w.ih_z), ebaddmm(self.router.bias, z_H, w.router_z))
 
     def update_mask(self, t: int, device: torch.device) -> torch.Tensor | None:
         """(S, 1, 1) bool: the members whose z_H updates at iteration t; None when all do.
@@ -148,10 +177,9 @@ class HRMController(nn.Module):
         period divides t (t % period == 0), masked per member, never for the whole ensemble.
         """
         S, B, L, _ = x.shape
-        c = carry.z_L.shape[-1]
-        proj = carry.z_H_proj if carry.z_H_proj is not None else self.project_z_H(carry.z_H)
-        u = self.inp(x).reshape(S, B * L, -1)  # (S, B*L, d_ctrl)
-        gi = ebaddmm(proj[0], u, self.cell_L.ih.weight[:, :c])
+        w = carry.weights or self.weights()
+        proj = carry.z_H_proj if carry.z_H_proj is not None else self.project_z_H(carry.z_H, w)
+        gi = ebaddmm(proj[0], x.reshape(S, B * L, -1), w.x_gates)  # (S, B*L, 3*d_ctrl)
         z_L = self.cell_L.from_gates(gi, carry.z_L)  # input [u, z_H]
         z_H = carry.z_H
         if any(t % p == 0 for p in self.periods):
@@ -159,9 +187,9 @@ class HRMController(nn.Module):
             mask = self.update_mask(t, x.device)
             if mask is not None:
                 new = torch.where(mask, new, z_H)
-            z_H, proj = new, self.project_z_H(new)
-        logits = ebaddmm(proj[1], z_L, self.router.weight[:, :c])
-        return logits.view(S, B, L, -1), HRMCarry(z_L, z_H, proj)
+            z_H, proj = new, self.project_z_H(new, w)
+        logits = ebaddmm(proj[1], z_L, w.router_L)
+        return logits.view(S, B, L, -1), HRMCarry(z_L, z_H, proj, w)
 
 
 class MLPController(nn.Module):
@@ -338,13 +366,15 @@ def forward_flops(cfg: ModelConfig, batch: int, pointer: bool) -> float:
         total += readout  # the baseline reads scores off the encoder; PoH after each iteration
     else:
         if cfg.controller == "hrm":
-            # Every iteration: inp, GRU_L on [u, z_H] and the router on [z_L, z_H], z_H's part of
-            # both cached. Period iterations: GRU_H, then z_H's part of both, recomputed.
-            per_iter = tokens * (2 * d * c + 2 * 3 * (c + c) * c + 2 * c * H)
+            # Every iteration: GRU_L's gates from x (inp composed with ih's token half) and from
+            # z_L, the router on z_L; z_H's part of both cached. Period iterations: GRU_H, then
+            # z_H's part of both, recomputed.
+            per_iter = tokens * (2 * d * 3 * c + 2 * c * 3 * c + 2 * c * H)
             per_period = tokens * (2 * 3 * (c + c) * c + 2 * c * (3 * c + H))
             n_period = len(range(0, cfg.max_inner_iters, cfg.hrm_period))
             ctrl = cfg.max_inner_iters * per_iter + n_period * per_period
             ctrl += 2 * c * (3 * c + H)  # the initial z_H, projected once for all tokens
+            ctrl += 2 * (d + 1) * c * 3 * c  # inp's weight and bias composed with ih, once
         else:
             ctrl = cfg.max_inner_iters * tokens * (2 * d * c + 2 * c * H)
         total += cfg.max_inner_iters * (block + readout) + ctrl

@@ -17,6 +17,7 @@ from poh_tune.metrics import (
     kendall_tau,
     mean_ci95,
     ranks_from_scores,
+    routing_entropy,
     routing_healthy,
     routing_stats,
     sort_accuracy,
@@ -152,17 +153,16 @@ class TrialRunner:
             mask_S = mask.expand(T, S, B, L).transpose(0, 1).reshape(-1, L)
             per = losses.pointer_ce_per_sample(logits.reshape(-1, L, L), perm, mask_S)
             per = per.view(S, T, B).transpose(0, 1)  # back to (T, S, B)
-        else:
-            ranks = batch.ranks.expand(T, S, B, L).reshape(-1, L)
-            mask_T = mask.expand(T, S, B, L).reshape(-1, L)
-            per = losses.SCORE_LOSSES[cfg.loss](out.scores.reshape(-1, L), ranks, mask_T)
-        rank_loss = torch.einsum("ts,t->s", per.reshape(T, S, B).mean(2), self.ds_weights)  # (S,)
-        loss = rank_loss
-        ent = torch.zeros_like(rank_loss)
-        if out.alphas is not None:
-            # Mean routing entropy over tokens and iterations, per member, kept in the graph.
-            ent = routing_stats(out.alphas)["entropy"].mean((0, 2, 3))
-            loss = loss + entropy_w * ent
+        else:  # every iteration's scores (T, S, B, L) against the same targets (S, B, L)
+            per = losses.SCORE_LOSSES[cfg.loss](out.scores, batch.ranks, mask)  # (T, S, B)
+        # Deep supervision: iteration t's mean loss over the batch weighted by ds_weights[t].
+        rank_loss = (per.view(T, S, B) * self.ds_weights.view(T, 1, 1)).sum((0, 2)) / B  # (S,)
+        if out.alphas is None:
+            return rank_loss, torch.stack([rank_loss, rank_loss, torch.zeros_like(rank_loss)]
+                                          ).detach()
+        # Mean routing entropy over tokens and iterations, per member, kept in the graph.
+        ent = routing_entropy(out.alphas).mean((0, 2, 3))  # (S,)
+        loss = torch.addcmul(rank_loss, entropy_w, ent)
         return loss, torch.stack([loss, rank_loss, ent]).detach()
 
     def train_pass(self) -> list[dict[str, Any]]:
