@@ -10,6 +10,7 @@ import math
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,11 @@ def resolve(args: argparse.Namespace) -> tuple[Space, Path, dict[str, Any]]:
     if args.space and "=" in args.space and not Path(args.space).exists():
         args.overrides.insert(0, args.space)  # `launch grid epochs=3`: no space given
         args.space = None
+    if args.name is not None:
+        check_name(args.name, "--name")
+    if args.max_failures < 0:  # Ray reads a negative count as infinitely many retries
+        raise UsageError(f"--max-failures={args.max_failures}: must be >= 0 (retries of a trial "
+                         f"whose process dies)")
     storage = Path(args.storage).expanduser().resolve()
     if args.resume:
         if args.name is None:
@@ -104,12 +110,14 @@ def resolve(args: argparse.Namespace) -> tuple[Space, Path, dict[str, Any]]:
             raise UsageError(f"--resume: {exp_dir} is a {info['mode']} run, not {args.command}")
         launch = info["launch"]
         space = load_space(info["space_file"], launch["overrides"], launch["smoke"])
+        check_storage(storage, args.storage)
         return space, exp_dir, launch
     if args.max_concurrent is not None and args.max_concurrent < 0:
         raise UsageError(f"--max-concurrent={args.max_concurrent}: must be >= 0")
     if args.checkpoint_every < 1:
         raise UsageError(f"--checkpoint-every={args.checkpoint_every}: must be >= 1")
-    path = resolve_space_path(args.space, DEFAULT_SPACE[args.command])
+    path = resolve_space_path(args.space, DEFAULT_SPACE[args.command],
+                              args.overrides[0] if args.overrides else None)
     overrides = parse_overrides(args.overrides)
     space = load_space(path, overrides, args.smoke)
     if args.command == "grid" and not space.experiments:
@@ -117,6 +125,7 @@ def resolve(args: argparse.Namespace) -> tuple[Space, Path, dict[str, Any]]:
     if args.command == "optuna" and not space.search:
         raise ConfigError(f"{path}: an optuna space needs a 'search' section")
     name = args.name or (space.name + ("_smoke" if args.smoke else ""))
+    check_name(name, f"{path}: name")
     exp_dir = storage / name
     if (exp_dir / "tuner.pkl").exists():
         raise UsageError(f"{exp_dir} holds a run already: continue it with --resume --name "
@@ -147,7 +156,37 @@ def resolve(args: argparse.Namespace) -> tuple[Space, Path, dict[str, Any]]:
         raise UsageError(f"--num-samples={launch['num_samples']}: must be >= 1")
     if args.command == "grid":
         grid_variants(space, launch["experiment_names"])  # unknown experiment names fail here
+    check_storage(storage, args.storage)
     return space, exp_dir, launch
+
+
+def check_name(name: str, what: str) -> None:
+    """A run name is one folder under --storage: `../x` or `a/b` would write elsewhere."""
+    if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
+        raise UsageError(f"{what} {name!r}: must be a single folder name under --storage "
+                         f"(no '/', not '.' or '..')")
+
+
+def check_storage(storage: Path, given: str) -> None:
+    """--storage must be a directory or creatable as one, checked before Ray starts.
+
+    Probed by creating (and removing) a temporary folder in the nearest existing ancestor:
+    permission bits say nothing for root, read-only mounts or /proc.
+    """
+    if storage.exists() and not storage.is_dir():
+        raise UsageError(f"--storage {given}: is a file; expected a directory (created if "
+                         f"missing)")
+    probe_in = storage
+    while not probe_in.exists():
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise UsageError(f"--storage {given}: {probe_in} is a file; expected a directory "
+                         f"(created if missing)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".poh_probe_", dir=probe_in))
+    except OSError as e:
+        raise UsageError(f"--storage {given}: cannot create a directory in {probe_in} "
+                         f"({e.strerror or e})") from None
 
 
 def experiment_info(command: str, space: Space, launch: dict[str, Any]) -> dict[str, Any]:
@@ -446,8 +485,14 @@ def run_report(exp_dir: Path, out: str | None, quiet_missing: bool = False) -> i
 def run(args: argparse.Namespace) -> int:
     if args.command == "report":
         exp_dir = Path(args.exp_dir)
+        if exp_dir.exists() and not exp_dir.is_dir():
+            raise UsageError(f"{exp_dir}: is a file; `report` takes an experiment directory "
+                             f"(the folder holding results.csv and the trial folders)")
         if not exp_dir.is_dir():
             raise UsageError(f"{exp_dir}: no such experiment directory")
+        if (exp_dir / TRIAL_FILE).exists():
+            raise UsageError(f"{exp_dir}: is a trial folder (it holds {TRIAL_FILE}); `report` "
+                             f"takes its experiment directory, {exp_dir.resolve().parent}")
         return run_report(exp_dir, args.out)
     space, exp_dir, launch = resolve(args)
     check_dashboard(args)

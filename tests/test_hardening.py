@@ -27,8 +27,11 @@ GRID = {"name": "t", "base": TINY_BASE,
                                "sweep": {"lr_encoder": [0.001, 0.002]}}}}
 OPTUNA = {"name": "o", "base": TINY_BASE, "num_samples": 2,
           "search": {"entropy_reg": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}}
-# Runs main() in a fresh interpreter and says whether Ray was even imported before it returned.
-WRAPPER = ("import sys\nfrom poh_tune.launch import main\ntry:\n    rc = main(sys.argv[1:])\n"
+# Runs main() (launch's, or train's when the first argument is "train") in a fresh interpreter
+# and says whether Ray was even imported before it returned.
+WRAPPER = ("import sys\nif sys.argv[1] == 'train':\n    from poh_tune.train import main\n"
+           "    argv = sys.argv[2:]\nelse:\n    from poh_tune.launch import main\n"
+           "    argv = sys.argv[1:]\ntry:\n    rc = main(argv)\n"
            "finally:\n    print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY')\n"
            "sys.exit(rc)\n")
 
@@ -141,6 +144,37 @@ BAD_INPUTS = [
     ("dashboard_with_address", _dump(GRID),
      ["grid", "{space}", "--dashboard", "--address", "127.0.0.1:{port}"],
      ["--dashboard", "--address keeps its own"]),
+    # Issue 12.
+    ("space_not_utf8", b"name: t\nbase: {epochs: 3}\n# caf\xe9\n", ["grid", "{space}"],
+     ["{space}", "not UTF-8 text", "byte 0xe9", "expected a YAML file"]),
+    ("space_unreadable", None, ["grid", "/proc/self/mem"],
+     ["/proc/self/mem", "cannot be read", "Input/output error"]),
+    ("space_permission_denied", _dump(GRID), ["grid", "{space}"],
+     ["{space}", "cannot be read", "Permission denied"]),
+    ("space_is_a_directory", None, ["grid", "{runs}/spaces"],
+     ["{runs}/spaces", "is a directory, expected a YAML file"]),
+    ("storage_is_a_file", _dump(GRID), ["grid", "{space}", "--storage", "{space}"],
+     ["--storage {space}", "is a file", "expected a directory"]),
+    ("storage_cannot_be_created", _dump(GRID), ["grid", "{space}", "--storage", "/proc/x"],
+     ["--storage /proc/x", "cannot create a directory in /proc", "No such file or directory"]),
+    ("name_outside_storage", _dump(GRID), ["grid", "{space}", "--name", "../../x"],
+     ["--name '../../x'", "single folder name under --storage"]),
+    ("name_outside_storage_on_resume", None, ["grid", "--resume", "--name", "../r"],
+     ["--name '../r'", "single folder name under --storage"]),
+    ("max_failures_negative", _dump(GRID), ["grid", "{space}", "--max-failures", "-5"],
+     ["--max-failures=-5", ">= 0"]),
+    ("forgotten_equals_sign", None, ["grid", "--smoke", "epochs", "2"],
+     ["'epochs'", "no such search-space file", "document_grid, optuna_refine", "epochs=2"]),
+    ("unknown_bare_space_name", None, ["grid", "documnet_grid"],
+     ["'documnet_grid'", "did you mean 'document_grid'", "key=value"]),
+    ("train_out_is_a_file", _dump(GRID), ["train", "--out", "{space}", "epochs=1"],
+     ["--out {space}", "is a file", "expected a directory"]),
+    ("train_config_binary", bytes(range(256)), ["train", "--config", "{space}"],
+     ["{space}", "not UTF-8 text", "byte 0x80"]),
+    ("report_given_results_csv", None, ["report", "{runs}/e/results.csv"],
+     ["{runs}/e/results.csv", "is a file", "takes an experiment directory"]),
+    ("report_given_a_trial_folder", None, ["report", "{runs}/e/train_trial_1"],
+     ["{runs}/e/train_trial_1", "is a trial folder", "poh_trial.yaml", "{runs}/e"]),
 ]
 
 
@@ -151,6 +185,12 @@ PRE_EXISTING = {
     "resume_wrong_mode": {"r3/tuner.pkl": "x", "r3/poh_experiment.yaml": _dump(
         {"mode": "optuna", "space_file": "o.yaml", "launch": {"overrides": {}, "smoke": False}})},
     "run_exists_without_resume": {"t/tuner.pkl": "x"},
+    "space_is_a_directory": {"spaces/g.yaml": _dump(GRID)},
+    "report_given_results_csv": {"e/results.csv": "trial_id\n", "e/poh_experiment.yaml": "{}\n",
+                                 "e/train_trial_1/poh_trial.yaml": "config: {}\n"},
+    "report_given_a_trial_folder": {"e/results.csv": "trial_id\n",
+                                    "e/poh_experiment.yaml": "{}\n",
+                                    "e/train_trial_1/poh_trial.yaml": "config: {}\n"},
 }
 
 
@@ -159,8 +199,15 @@ PRE_EXISTING = {
 def test_bad_input_exits_2_with_one_clear_line_and_writes_nothing(tmp_path, case, space_text,
                                                                   argv, needles):
     space = tmp_path / "space.yaml"
-    if space_text is not None:
+    if isinstance(space_text, bytes):
+        space.write_bytes(space_text)
+    elif space_text is not None:
         space.write_text(space_text)
+    if case == "space_permission_denied":
+        if os.geteuid() == 0:
+            pytest.skip("root reads a file without read permission (space_unreadable covers "
+                        "the read error)")
+        space.chmod(0)
     storage = tmp_path / "runs"
     for rel, text in PRE_EXISTING.get(case, {}).items():
         (storage / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -174,10 +221,12 @@ def test_bad_input_exits_2_with_one_clear_line_and_writes_nothing(tmp_path, case
             s = s.replace(k, v)
         return s
 
+    # --storage where the command takes it and the case does not choose its own.
+    storage_args = ["--storage", str(storage)] if argv[0] in ("grid", "optuna") and (
+        "--storage" not in argv) else []
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-c", WRAPPER, *map(fill, argv), "--storage",
-                        str(storage)], capture_output=True, text=True, timeout=60,
-                       cwd=tmp_path)
+    p = subprocess.run([sys.executable, "-c", WRAPPER, *map(fill, argv), *storage_args],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
     elapsed = time.time() - t0
     err = p.stderr.strip()
     assert p.returncode == 2, (p.stdout, err)
