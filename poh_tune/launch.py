@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -199,18 +202,47 @@ def experiment_info(command: str, space: Space, launch: dict[str, Any]) -> dict[
 
 
 # --- Ray ------------------------------------------------------------------------------------------
-def check_address(address: str) -> None:
+# ray.init against an address where no Ray head answers retries for minutes ("Failed to get
+# cluster ID from GCS server: TimedOut"); poh_tune gives up after this many seconds.
+ADDRESS_TIMEOUT_S = float(os.environ.get("POH_TUNE_ADDRESS_TIMEOUT_S", "30"))
+
+
+def ray_address_file() -> Path:
+    """Where `ray start` records the last cluster it started (Ray's own lookup for "auto")."""
+    tmp = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith(
+        "linux") else None) or "/tmp"
+    return Path(tmp) / "ray" / "ray_current_cluster"
+
+
+def check_address(address: str) -> str:
     """Fail in seconds with one clear line (before Ray is imported), not after Ray's minutes of
-    retries, when nothing answers at --address HOST:PORT."""
-    host, _, port = address.rpartition(":")
+    retries, when nothing answers at --address HOST:PORT, or at the address "auto" stands for.
+
+    Returns:
+        the address to join: HOST:PORT ("auto" resolved as Ray would: RAY_ADDRESS, then the
+        address file of the last `ray start`), or "auto" when neither exists (Ray then looks for
+        a running head itself and says so quickly when there is none).
+    """
+    given, source = address, ""
     if address == "auto":
-        return
+        env, file = os.environ.get("RAY_ADDRESS", ""), ray_address_file()
+        if env and env != "auto":
+            address, source = env, " (from RAY_ADDRESS)"
+        elif file.is_file():
+            text = file.read_text().strip()
+            address = text.splitlines()[0] if text else ""
+            source = f" (from {file}, left by the last `ray start`; a stopped cluster leaves it)"
+        else:
+            return "auto"
+    host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise UsageError(f"--address {address!r}: expected HOST:PORT of a Ray head")
+        raise UsageError(f"--address {given!r}{source}: expected HOST:PORT of a Ray head")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as e:
-        raise UsageError(f"--address {address}: no Ray head answers there ({e})") from None
+        raise UsageError(f"--address {given}: no Ray head answers at {address}{source} "
+                         f"({e})") from None
+    return address
 
 
 def check_dashboard(args: argparse.Namespace) -> None:
@@ -255,12 +287,24 @@ def start_ray(address: str | None, num_cpus: int | None, dashboard: bool = False
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
                  include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
         return
+    def give_up() -> None:  # ray.init blocks in native code: only leaving the process stops it
+        print(f"error: --address {address}: no Ray cluster answered within "
+              f"{ADDRESS_TIMEOUT_S:g} s; check the address (and RAY_AUTH_MODE=token for a head "
+              f"started with `ray start`)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
+
+    watchdog = threading.Timer(ADDRESS_TIMEOUT_S, give_up)
+    watchdog.daemon = True
+    watchdog.start()
     try:
         ray.init(address=address, log_to_driver=False)
     except Exception as e:  # unreachable address, refused auth, ...
         raise UsageError(f"--address {address}: cannot join the Ray cluster "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                          ) from None
+    finally:
+        watchdog.cancel()
 
 
 def check_trial_fits(cpu: float, gpu: float, embedded: bool) -> None:
@@ -497,7 +541,7 @@ def run(args: argparse.Namespace) -> int:
     space, exp_dir, launch = resolve(args)
     check_dashboard(args)
     if args.address is not None:
-        check_address(args.address)
+        args.address = check_address(args.address)
     launch["max_failures"] = args.max_failures
     launch["reuse_actors"] = args.reuse_actors
     variants, membership = grid_variants(space, launch["experiment_names"]) \
@@ -519,8 +563,79 @@ def run(args: argparse.Namespace) -> int:
                           yaml.safe_dump(experiment_info(args.command, space, launch),
                                          sort_keys=False))
         tuner = make_tuner(args.command, space, launch, exp_dir, trainable)
-    results = tuner.fit()
+    resume_line = (f"python -m poh_tune.launch {args.command} --resume --name {exp_dir.name} "
+                   f"--storage {exp_dir.parent}"
+                   + (f" --address {args.address}" if args.address else ""))
+    try:
+        with interruption_watch() as interrupted:
+            results = tuner.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C while Tune saved its state, or one before
+        resumable = (exp_dir / "tuner.pkl").exists()  # Tune registered the experiment
+        print("\ninterrupted; " + (f"continue with: {resume_line}" if resumable else
+                                   "the run had not started, there is nothing to resume"),
+              file=sys.stderr)
+        return 130
+    if interrupted():
+        expected = len(variants) if args.command == "grid" else launch["num_samples"]
+        return report_interrupted(results, expected, space.base.epochs, resume_line)
     return finish(args.command, space, exp_dir, results, args.no_report)
+
+
+class _DropTuneRestoreHint(logging.Filter):
+    """Tune's own "Resume experiment with: Tuner.restore(...)" does not apply to poh_tune."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def interruption_watch():
+    """Yields a function that says, after Tuner.fit(), whether SIGINT (or SIGUSR1) stopped it.
+
+    Tune catches the first SIGINT and makes fit() return normally, as if the run were done. Its
+    handler puts back the handler it found and nothing else does: so a marker handler installed
+    here is back in place after fit() exactly when the run was interrupted.
+    """
+    def marker(signum, frame):  # only reached when Tune did not install its own handler
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, marker)
+    hint_filter = _DropTuneRestoreHint()
+    tune_logger = logging.getLogger("ray.tune.tune")
+    tune_logger.addFilter(hint_filter)
+    tune_handles_sigint = not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") or 0)
+    try:
+        yield lambda: tune_handles_sigint and signal.getsignal(signal.SIGINT) is marker
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        tune_logger.removeFilter(hint_filter)
+
+
+def report_interrupted(results, expected: int, epochs: int, resume_line: str) -> int:
+    """The truth about an interrupted run, from each trial's own files; nothing is written.
+
+    Tune marks every trial TERMINATED when it is interrupted, so a trial counts as finished when it
+    errored or logged all its epochs, interrupted when it logged some, not started otherwise
+    (trials Tune never created included). An ASHA stop counts as interrupted here; --resume keeps
+    it stopped.
+    """
+    finished = partial = 0
+    for r in results:
+        trial_dir = Path(r.path)
+        info = yaml.safe_load((trial_dir / TRIAL_FILE).read_text()) if (
+            trial_dir / TRIAL_FILE).exists() else {}
+        want = int(((info or {}).get("config") or {}).get("epochs", epochs))
+        done = len(read_metrics(trial_dir / METRICS_FILE))
+        if r.error is not None or done >= want:
+            finished += 1
+        elif done > 0:
+            partial += 1
+    not_started = max(0, expected - finished - partial)
+    print(f"\ninterrupted: {finished} of {expected} trials finished, {partial} interrupted, "
+          f"{not_started} not started; results.csv, best_config.yaml and the report were not "
+          f"written\ncontinue with: {resume_line}", file=sys.stderr)
+    return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -530,8 +645,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; continue with --resume", file=sys.stderr)
+    except KeyboardInterrupt:  # before Tune started: an earlier run is as it was
+        print("interrupted before the run started" + (
+            "; the run is as it was, continue it with --resume" if args.resume
+            else "; there is nothing to resume"), file=sys.stderr)
         return 130
 
 

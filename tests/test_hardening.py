@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -138,7 +139,7 @@ BAD_INPUTS = [
     ("run_exists_without_resume", _dump(GRID), ["grid", "{space}", "--name", "t"],
      ["{runs}/t holds a run already", "--resume --name t"]),
     ("unreachable_address", _dump(GRID), ["grid", "{space}", "--address", "127.0.0.1:{port}"],
-     ["127.0.0.1:{port}", "no Ray head answers there"]),
+     ["127.0.0.1:{port}", "no Ray head answers at 127.0.0.1:{port}"]),
     ("address_not_host_port", _dump(GRID), ["grid", "{space}", "--address", "headnode"],
      ["'headnode'", "expected HOST:PORT"]),
     ("dashboard_with_address", _dump(GRID),
@@ -589,3 +590,99 @@ def test_grid_of_200_tiny_trials_every_trial_accounted_for(tmp_path):
         assert info["config"]["lr_encoder"] == float(r["config.lr_encoder"])
         assert _epochs(r["trial_dir"]) == [1]
     print(f"\n{LOAD_TRIALS} trials: {wall:.0f} s wall ({wall / LOAD_TRIALS:.2f} s per trial)")
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_counts_trials_truthfully_and_resume_completes(tmp_path):
+    """SIGINT to the driver's process group (what Ctrl-C in a terminal sends) once two trials
+    finished and one is under way: exit 130, finished / interrupted / not started counted as the
+    trials' own files say, no result files written, poh_tune's --resume line (not Ray's
+    Tuner.restore hint); --resume then completes every trial."""
+    epochs, lrs = 12, [0.001, 0.002, 0.003, 0.004, 0.005, 0.006]
+    space = tmp_path / "c.yaml"
+    space.write_text(_dump(_with(_with(_with(GRID, "experiments.lr.sweep.lr_encoder", lrs),
+                                       "base.epochs", epochs), "base.train_samples", 128)))
+    exp = tmp_path / "c"
+    common = ["--storage", str(tmp_path), "--name", "c", "--no-report", "--num-cpus", "2"]
+    proc = _launch_popen(["grid", str(space), *common])
+
+    def two_done_one_running() -> bool:
+        counts = [d.count(b"\n") for d in _lines(exp).values()]
+        return counts.count(epochs) >= 2 and any(0 < c <= epochs // 2 for c in counts)
+
+    if not _wait_for(two_done_one_running, proc):
+        pytest.fail("the run ended before it could be interrupted:\n" + _kill(proc)[-3000:])
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        out = proc.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        pytest.fail("SIGINT did not end the run within 120 s:\n" + _kill(proc)[-3000:])
+    counts = [d.count(b"\n") for d in _lines(exp).values()]
+    finished = counts.count(epochs)
+    partial = sum(0 < c < epochs for c in counts)
+    assert proc.returncode == 130, out[-3000:]
+    assert finished >= 2 and partial >= 1 and finished + partial < len(lrs), counts
+    assert (f"interrupted: {finished} of {len(lrs)} trials finished, {partial} interrupted, "
+            f"{len(lrs) - finished - partial} not started") in out, out[-3000:]
+    assert f"--resume --name c --storage {tmp_path}" in out
+    assert "Tuner.restore" not in out
+    for f in ("results.csv", "best_config.yaml", "report.md"):
+        assert not (exp / f).exists(), f
+
+    p = subprocess.run([sys.executable, "-m", "poh_tune.launch", "grid", "--resume", *common],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = _rows(exp)
+    assert sorted(float(r["config.lr_encoder"]) for r in rows) == lrs
+    assert all(r["status"] == "TERMINATED" and r["stopped_early"] == "False" for r in rows)
+    for r in rows:
+        assert _epochs(r["trial_dir"]) == list(range(1, epochs + 1))
+    assert (exp / "best_config.yaml").exists()
+
+
+def _launch_wrapped(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WRAPPER, *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **env})
+
+
+def test_address_auto_with_a_stale_cluster_file_exits_2_naming_the_address(tmp_path):
+    """`ray start` leaves ray_current_cluster behind when its head stops: --address auto must
+    say so in seconds (Ray itself retried for minutes), before Ray is imported."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        port = _free_port()  # nothing listens there
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+        t0 = time.time()
+        p = _launch_wrapped(["grid", "--smoke", "--address", "auto", "--storage",
+                             str(tmp_path / "runs")], {"RAY_TMPDIR": str(ray_tmp)}, 60)
+        err = p.stderr.strip()
+        assert p.returncode == 2, (p.stdout[-2000:], err[-2000:])
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert f"no Ray head answers at 127.0.0.1:{port}" in err
+        assert str(ray_tmp / "ray" / "ray_current_cluster") in err and "stopped cluster" in err
+        assert "NO_RAY" in p.stdout and "--resume" not in err
+        assert not (tmp_path / "runs").exists()
+        assert time.time() - t0 < 30
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_address_where_nothing_speaks_ray_gives_up_in_bounded_time(tmp_path):
+    """A port that accepts connections but never answers (a stale address now taken by another
+    program): Ray's join would retry for minutes; poh_tune exits 2 after
+    POH_TUNE_ADDRESS_TIMEOUT_S naming the address, having written nothing."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        t0 = time.time()
+        p = _launch_wrapped(["grid", "--smoke", "--address", address, "--storage",
+                             str(tmp_path / "runs")], {"POH_TUNE_ADDRESS_TIMEOUT_S": "10"}, 120)
+        wall = time.time() - t0
+    assert p.returncode == 2, (p.stdout[-2000:], p.stderr[-2000:])
+    assert f"error: --address {address}: no Ray cluster answered within 10 s" in p.stderr
+    assert "Traceback" not in p.stderr and "--resume" not in p.stderr
+    assert wall < 60, wall
+    assert not (tmp_path / "runs").exists()
