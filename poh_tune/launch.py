@@ -569,13 +569,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         with interruption_watch() as interrupted:
             results = tuner.fit()
+            was_interrupted = interrupted()  # here: leaving the block puts the old handler back
     except KeyboardInterrupt:  # a second Ctrl-C while Tune saved its state, or one before
         resumable = (exp_dir / "tuner.pkl").exists()  # Tune registered the experiment
         print("\ninterrupted; " + (f"continue with: {resume_line}" if resumable else
                                    "the run had not started, there is nothing to resume"),
               file=sys.stderr)
         return 130
-    if interrupted():
+    if was_interrupted:
         expected = len(variants) if args.command == "grid" else launch["num_samples"]
         return report_interrupted(results, expected, space.base.epochs, resume_line)
     return finish(args.command, space, exp_dir, results, args.no_report)
