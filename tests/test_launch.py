@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -168,7 +169,11 @@ def test_address_joins_a_separately_started_head(tmp_path):
     if ray_cli is None:
         pytest.skip("the ray CLI is not installed")
     port = _free_port()
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # A private Ray temp dir (short: Ray's socket paths): `ray start` records the head in
+    # <temp dir>/ray/ray_current_cluster and a stopped head leaves that file behind; in the
+    # shared /tmp/ray it would send every later `--address auto` on this machine to a dead head.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(ray_tmp)}
     # --block keeps the head's processes children of this one process: stopping it stops them
     # (`ray stop` would also stop every other Ray on this machine).
     head = subprocess.Popen([ray_cli, "start", "--head", f"--port={port}",
@@ -185,10 +190,12 @@ def test_address_joins_a_separately_started_head(tmp_path):
             time.sleep(0.5)
         p = launch("grid", "--smoke", "--experiment", "baseline_vs_hrm", "--address",
                    f"127.0.0.1:{port}", "--storage", str(tmp_path), "--name", "a", "--no-report",
-                   env={"RAY_AUTH_MODE": "token"}, timeout=150)
+                   env={"RAY_AUTH_MODE": "token", "RAY_TMPDIR": str(ray_tmp)}, timeout=150)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         rows = rows_of(tmp_path / "a")
         assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows)
+        # The head recorded itself in the private temp dir, not in the shared one.
+        assert (ray_tmp / "ray" / "ray_current_cluster").read_text().strip() == f"127.0.0.1:{port}"
     finally:
         head.send_signal(signal.SIGTERM)
         try:
@@ -199,6 +206,7 @@ def test_address_joins_a_separately_started_head(tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)  # the address file goes with it
 
 
 def test_lost_trial_folders_are_retired(tmp_path):
