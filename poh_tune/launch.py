@@ -403,7 +403,7 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
 def collect(results, epochs_of: dict[str, int]) -> list[dict[str, Any]]:
     """One row per trial from Tune's ResultGrid and each trial's own metrics.jsonl."""
     rows = []
-    for r in results:
+    for order, r in enumerate(results):  # Tune's trials in the order it created them
         trial_dir = Path(r.path)
         info = yaml.safe_load((trial_dir / TRIAL_FILE).read_text()) if (
             trial_dir / TRIAL_FILE).exists() else {}
@@ -415,7 +415,8 @@ def collect(results, epochs_of: dict[str, int]) -> list[dict[str, Any]]:
         epochs = int(cfg.get("epochs", epochs_of.get(trial_id, 0)) or 0)
         error = None if r.error is None else str(r.error).strip().splitlines()[-1][:500]
         row: dict[str, Any] = {
-            "trial_id": trial_id, "status": "ERROR" if error else "TERMINATED",
+            "trial_id": trial_id, "trial_order": order,
+            "status": "ERROR" if error else "TERMINATED",
             "experiments": ";".join(info.get("experiments") or []),
             "epochs_done": done, "stopped_early": error is None and done < epochs,
             "error": error or "", "trial_dir": str(trial_dir)}
@@ -428,7 +429,12 @@ def collect(results, epochs_of: dict[str, int]) -> list[dict[str, Any]]:
 
 
 def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    """Best trial by the metric at its last epoch, among trials that ran every epoch."""
+    """Best trial by the metric at its last epoch, among trials that ran every epoch.
+
+    A tie goes to the earliest trial reaching the best value, as Optuna's best_trial and Ray's
+    get_best_result break it: the lowest Optuna trial number (`optuna_trial`) where there is one,
+    else the first in Tune's creation order (`trial_order`). Trial ids are random: no order.
+    """
     def score(r):
         v = r.get(f"final_{metric}", r.get(metric, ""))
         return float(v) if v != "" and math.isfinite(float(v)) else None
@@ -437,7 +443,13 @@ def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, An
           and score(r) is not None]
     if not ok:
         return None
-    return (max if mode == "max" else min)(ok, key=score)
+    sign = -1.0 if mode == "max" else 1.0
+
+    def earliest(r):
+        n = r.get("optuna_trial", "")
+        return int(n) if n != "" else int(r.get("trial_order", sys.maxsize))
+
+    return min(ok, key=lambda r: (sign * score(r), earliest(r), str(r["trial_id"])))
 
 
 def config_of(row: dict[str, Any]) -> TrialConfig:
@@ -467,6 +479,15 @@ def retire_lost_trials(exp_dir: Path, rows: list[dict[str, Any]]) -> int:
 
 def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool) -> int:
     rows = collect(results, {})
+    if command == "optuna":  # each row's Optuna trial number (the searcher records the link)
+        import optuna
+
+        from poh_tune.search import study_storage
+
+        study = optuna.load_study(study_name=exp_dir.name, storage=study_storage(exp_dir))
+        numbers = {t.user_attrs.get("ray_trial_id"): t.number for t in study.trials}
+        for r in rows:
+            r["optuna_trial"] = numbers.get(r["trial_id"], "")
     atomic_write_text(exp_dir / "results.csv", _csv_text(rows))
     lost = retire_lost_trials(exp_dir, rows)
     if lost:
@@ -481,11 +502,8 @@ def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool) 
         if r["error"]:
             print(f"  {r['trial_id']} errored: {r['error']}")
     if command == "optuna":
-        import optuna
+        from poh_tune.search import STUDY_FILE, close_stale_trials
 
-        from poh_tune.search import STUDY_FILE, close_stale_trials, study_storage
-
-        study = optuna.load_study(study_name=exp_dir.name, storage=study_storage(exp_dir))
         stale = close_stale_trials(study)
         if stale:
             print(f"  {stale} Optuna trial(s) left RUNNING were marked FAIL")

@@ -108,8 +108,14 @@ def test_optuna_smoke_asha_prunes(tmp_path):
         if t.state == optuna.trial.TrialState.PRUNED:
             assert t.user_attrs["stopped_at_epoch"] < 3
             assert max(t.intermediate_values) == t.user_attrs["stopped_at_epoch"]
-    assert load_config(exp / "best_config.yaml").array_len == 8
+    best = load_config(exp / "best_config.yaml")
+    assert best.array_len == 8
     assert (exp / "poh_experiment.yaml").exists()
+    # Each Optuna trial names its Tune trial; poh_tune's best is Optuna's best (ties included:
+    # smoke trials often tie on τ).
+    assert sorted(t.user_attrs["ray_trial_id"] for t in study.trials) == sorted(
+        r["trial_id"] for r in rows)
+    assert {k: getattr(best, k) for k in study.best_trial.params} == study.best_trial.params
 
 
 @pytest.mark.slow
@@ -207,6 +213,27 @@ def test_address_joins_a_separately_started_head(tmp_path):
         except ProcessLookupError:
             pass
         shutil.rmtree(ray_tmp, ignore_errors=True)  # the address file goes with it
+
+
+def test_best_row_breaks_ties_by_creation_order_as_optuna_and_ray_do():
+    from poh_tune.launch import best_row
+
+    def row(trial_id: str, tau: float, order: int, **kw) -> dict:
+        return {"trial_id": trial_id, "trial_order": order, "status": "TERMINATED",
+                "stopped_early": False, "final_tau": tau, **kw}
+
+    # Tied at 0.354: the earliest created, whatever the rows' order or the (random) ids.
+    rows = [row("0cc4", 0.354, 1), row("bf23", 0.354, 0), row("cde2", 0.354, 5),
+            row("3e5a", 0.5, 2, stopped_early=True), row("95d3", 0.2, 4)]
+    assert best_row(rows, "tau", "max")["trial_id"] == "bf23"
+    assert best_row(rows, "tau", "min")["trial_id"] == "95d3"
+    # With an Optuna study, its trial numbers decide (a trial adopted after a restore may be
+    # created later by Tune than its number says).
+    numbered = [{**r, "optuna_trial": n} for r, n in zip(rows, [0, 3, 1, 2, 4], strict=True)]
+    assert best_row(numbered, "tau", "max")["trial_id"] == "0cc4"
+    rows.append(row("f8cc", 0.36, 6))
+    assert best_row(rows, "tau", "max")["trial_id"] == "f8cc"  # a better value still wins
+    assert best_row([row("d85e", float("nan"), 0)], "tau", "max") is None
 
 
 def test_lost_trial_folders_are_retired(tmp_path):
