@@ -239,10 +239,19 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def read_yaml(path: str | Path) -> Any:
     """safe_load a YAML file; errors name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, expected a YAML file")
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start}); expected a YAML file") from None
+    except OSError as e:  # permissions, I/O errors
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         where = ""
         mark = getattr(e, "problem_mark", None)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import logging
 import math
 import os
+import signal
 import socket
 import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +103,11 @@ def resolve(args: argparse.Namespace) -> tuple[Space, Path, dict[str, Any]]:
     if args.space and "=" in args.space and not Path(args.space).exists():
         args.overrides.insert(0, args.space)  # `launch grid epochs=3`: no space given
         args.space = None
+    if args.name is not None:
+        check_name(args.name, "--name")
+    if args.max_failures < 0:  # Ray reads a negative count as infinitely many retries
+        raise UsageError(f"--max-failures={args.max_failures}: must be >= 0 (retries of a trial "
+                         f"whose process dies)")
     storage = Path(args.storage).expanduser().resolve()
     if not args.progress_every > 0:
         raise UsageError(f"--progress-every={args.progress_every}: must be > 0 (seconds)")
@@ -121,12 +130,14 @@ def resolve(args: argparse.Namespace) -> tuple[Space, Path, dict[str, Any]]:
             raise UsageError(f"--resume: {exp_dir} is a {info['mode']} run, not {args.command}")
         launch = info["launch"]
         space = load_space(info["space_file"], launch["overrides"], launch["smoke"])
+        check_storage(storage, args.storage)
         return space, exp_dir, launch
     if args.max_concurrent is not None and args.max_concurrent < 0:
         raise UsageError(f"--max-concurrent={args.max_concurrent}: must be >= 0")
     if args.checkpoint_every < 1:
         raise UsageError(f"--checkpoint-every={args.checkpoint_every}: must be >= 1")
-    path = resolve_space_path(args.space, DEFAULT_SPACE[args.command])
+    path = resolve_space_path(args.space, DEFAULT_SPACE[args.command],
+                              args.overrides[0] if args.overrides else None)
     overrides = parse_overrides(args.overrides)
     space = load_space(path, overrides, args.smoke)
     if args.command == "grid" and not space.experiments:
@@ -134,6 +145,7 @@ def resolve(args: argparse.Namespace) -> tuple[Space, Path, dict[str, Any]]:
     if args.command == "optuna" and not space.search:
         raise ConfigError(f"{path}: an optuna space needs a 'search' section")
     name = args.name or (space.name + ("_smoke" if args.smoke else ""))
+    check_name(name, f"{path}: name")
     exp_dir = storage / name
     if (exp_dir / "tuner.pkl").exists():
         raise UsageError(f"{exp_dir} holds a run already: continue it with --resume --name "
@@ -164,6 +176,7 @@ def resolve(args: argparse.Namespace) -> tuple[Space, Path, dict[str, Any]]:
         raise UsageError(f"--num-samples={launch['num_samples']}: must be >= 1")
     if args.command == "grid":
         grid_variants(space, launch["experiment_names"])  # unknown experiment names fail here
+    check_storage(storage, args.storage)
     return space, exp_dir, launch
 
 
@@ -178,6 +191,35 @@ def hparam_domains(command: str, space: Space, launch: dict[str, Any]
                 else {"low": s["low"], "high": s["high"]}) for k, s in space.search.items()}
 
 
+def check_name(name: str, what: str) -> None:
+    """A run name is one folder under --storage: `../x` or `a/b` would write elsewhere."""
+    if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
+        raise UsageError(f"{what} {name!r}: must be a single folder name under --storage "
+                         f"(no '/', not '.' or '..')")
+
+
+def check_storage(storage: Path, given: str) -> None:
+    """--storage must be a directory or creatable as one, checked before Ray starts.
+
+    Probed by creating (and removing) a temporary folder in the nearest existing ancestor:
+    permission bits say nothing for root, read-only mounts or /proc.
+    """
+    if storage.exists() and not storage.is_dir():
+        raise UsageError(f"--storage {given}: is a file; expected a directory (created if "
+                         f"missing)")
+    probe_in = storage
+    while not probe_in.exists():
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise UsageError(f"--storage {given}: {probe_in} is a file; expected a directory "
+                         f"(created if missing)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".poh_probe_", dir=probe_in))
+    except OSError as e:
+        raise UsageError(f"--storage {given}: cannot create a directory in {probe_in} "
+                         f"({e.strerror or e})") from None
+
+
 def experiment_info(command: str, space: Space, launch: dict[str, Any]) -> dict[str, Any]:
     names = launch["experiment_names"]
     exps = {e.name: {"swept": e.swept, "description": e.description}
@@ -188,18 +230,47 @@ def experiment_info(command: str, space: Space, launch: dict[str, Any]) -> dict[
 
 
 # --- Ray ------------------------------------------------------------------------------------------
-def check_address(address: str) -> None:
+# ray.init against an address where no Ray head answers retries for minutes ("Failed to get
+# cluster ID from GCS server: TimedOut"); poh_tune gives up after this many seconds.
+ADDRESS_TIMEOUT_S = float(os.environ.get("POH_TUNE_ADDRESS_TIMEOUT_S", "30"))
+
+
+def ray_address_file() -> Path:
+    """Where `ray start` records the last cluster it started (Ray's own lookup for "auto")."""
+    tmp = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith(
+        "linux") else None) or "/tmp"
+    return Path(tmp) / "ray" / "ray_current_cluster"
+
+
+def check_address(address: str) -> str:
     """Fail in seconds with one clear line (before Ray is imported), not after Ray's minutes of
-    retries, when nothing answers at --address HOST:PORT."""
-    host, _, port = address.rpartition(":")
+    retries, when nothing answers at --address HOST:PORT, or at the address "auto" stands for.
+
+    Returns:
+        the address to join: HOST:PORT ("auto" resolved as Ray would: RAY_ADDRESS, then the
+        address file of the last `ray start`), or "auto" when neither exists (Ray then looks for
+        a running head itself and says so quickly when there is none).
+    """
+    given, source = address, ""
     if address == "auto":
-        return
+        env, file = os.environ.get("RAY_ADDRESS", ""), ray_address_file()
+        if env and env != "auto":
+            address, source = env, " (from RAY_ADDRESS)"
+        elif file.is_file():
+            text = file.read_text().strip()
+            address = text.splitlines()[0] if text else ""
+            source = f" (from {file}, left by the last `ray start`; a stopped cluster leaves it)"
+        else:
+            return "auto"
+    host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise UsageError(f"--address {address!r}: expected HOST:PORT of a Ray head")
+        raise UsageError(f"--address {given!r}{source}: expected HOST:PORT of a Ray head")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as e:
-        raise UsageError(f"--address {address}: no Ray head answers there ({e})") from None
+        raise UsageError(f"--address {given}: no Ray head answers at {address}{source} "
+                         f"({e})") from None
+    return address
 
 
 def check_dashboard(args: argparse.Namespace) -> None:
@@ -248,12 +319,24 @@ def start_ray(address: str | None, num_cpus: int | None, dashboard: bool = False
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
                  include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
         return
+    def give_up() -> None:  # ray.init blocks in native code: only leaving the process stops it
+        print(f"error: --address {address}: no Ray cluster answered within "
+              f"{ADDRESS_TIMEOUT_S:g} s; check the address (and RAY_AUTH_MODE=token for a head "
+              f"started with `ray start`)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
+
+    watchdog = threading.Timer(ADDRESS_TIMEOUT_S, give_up)
+    watchdog.daemon = True
+    watchdog.start()
     try:
         ray.init(address=address, log_to_driver=False)
     except Exception as e:  # unreachable address, refused auth, ...
         raise UsageError(f"--address {address}: cannot join the Ray cluster "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                          ) from None
+    finally:
+        watchdog.cancel()
 
 
 def check_trial_fits(cpu: float, gpu: float, embedded: bool) -> None:
@@ -352,7 +435,7 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
 def collect(results, epochs_of: dict[str, int]) -> list[dict[str, Any]]:
     """One row per trial from Tune's ResultGrid and each trial's own metrics.jsonl."""
     rows = []
-    for r in results:
+    for order, r in enumerate(results):  # Tune's trials in the order it created them
         trial_dir = Path(r.path)
         info = yaml.safe_load((trial_dir / TRIAL_FILE).read_text()) if (
             trial_dir / TRIAL_FILE).exists() else {}
@@ -364,7 +447,8 @@ def collect(results, epochs_of: dict[str, int]) -> list[dict[str, Any]]:
         epochs = int(cfg.get("epochs", epochs_of.get(trial_id, 0)) or 0)
         error = None if r.error is None else str(r.error).strip().splitlines()[-1][:500]
         row: dict[str, Any] = {
-            "trial_id": trial_id, "status": "ERROR" if error else "TERMINATED",
+            "trial_id": trial_id, "trial_order": order,
+            "status": "ERROR" if error else "TERMINATED",
             "experiments": ";".join(info.get("experiments") or []),
             "epochs_done": done, "stopped_early": error is None and done < epochs,
             "error": error or "", "trial_dir": str(trial_dir)}
@@ -377,7 +461,12 @@ def collect(results, epochs_of: dict[str, int]) -> list[dict[str, Any]]:
 
 
 def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    """Best trial by the metric at its last epoch, among trials that ran every epoch."""
+    """Best trial by the metric at its last epoch, among trials that ran every epoch.
+
+    A tie goes to the earliest trial reaching the best value, as Optuna's best_trial and Ray's
+    get_best_result break it: the lowest Optuna trial number (`optuna_trial`) where there is one,
+    else the first in Tune's creation order (`trial_order`). Trial ids are random: no order.
+    """
     def score(r):
         v = r.get(f"final_{metric}", r.get(metric, ""))
         return float(v) if v != "" and math.isfinite(float(v)) else None
@@ -386,7 +475,13 @@ def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, An
           and score(r) is not None]
     if not ok:
         return None
-    return (max if mode == "max" else min)(ok, key=score)
+    sign = -1.0 if mode == "max" else 1.0
+
+    def earliest(r):
+        n = r.get("optuna_trial", "")
+        return int(n) if n != "" else int(r.get("trial_order", sys.maxsize))
+
+    return min(ok, key=lambda r: (sign * score(r), earliest(r), str(r["trial_id"])))
 
 
 def config_of(row: dict[str, Any]) -> TrialConfig:
@@ -416,6 +511,15 @@ def retire_lost_trials(exp_dir: Path, rows: list[dict[str, Any]]) -> int:
 
 def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool) -> int:
     rows = collect(results, {})
+    if command == "optuna":  # each row's Optuna trial number (the searcher records the link)
+        import optuna
+
+        from poh_tune.search import study_storage
+
+        study = optuna.load_study(study_name=exp_dir.name, storage=study_storage(exp_dir))
+        numbers = {t.user_attrs.get("ray_trial_id"): t.number for t in study.trials}
+        for r in rows:
+            r["optuna_trial"] = numbers.get(r["trial_id"], "")
     atomic_write_text(exp_dir / "results.csv", _csv_text(rows))
     from poh_tune.tblog import write_session_end
     from poh_tune.trainable import TB_DIR
@@ -437,11 +541,8 @@ def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool) 
         if r["error"]:
             print(f"  {r['trial_id']} errored: {r['error']}")
     if command == "optuna":
-        import optuna
+        from poh_tune.search import STUDY_FILE, close_stale_trials
 
-        from poh_tune.search import STUDY_FILE, close_stale_trials, study_storage
-
-        study = optuna.load_study(study_name=exp_dir.name, storage=study_storage(exp_dir))
         stale = close_stale_trials(study)
         if stale:
             print(f"  {stale} Optuna trial(s) left RUNNING were marked FAIL")
@@ -489,13 +590,19 @@ def run_report(exp_dir: Path, out: str | None, quiet_missing: bool = False) -> i
 def run(args: argparse.Namespace) -> int:
     if args.command == "report":
         exp_dir = Path(args.exp_dir)
+        if exp_dir.exists() and not exp_dir.is_dir():
+            raise UsageError(f"{exp_dir}: is a file; `report` takes an experiment directory "
+                             f"(the folder holding results.csv and the trial folders)")
         if not exp_dir.is_dir():
             raise UsageError(f"{exp_dir}: no such experiment directory")
+        if (exp_dir / TRIAL_FILE).exists():
+            raise UsageError(f"{exp_dir}: is a trial folder (it holds {TRIAL_FILE}); `report` "
+                             f"takes its experiment directory, {exp_dir.resolve().parent}")
         return run_report(exp_dir, args.out)
     space, exp_dir, launch = resolve(args)
     check_dashboard(args)
     if args.address is not None:
-        check_address(args.address)
+        args.address = check_address(args.address)
     launch["max_failures"] = args.max_failures
     launch["reuse_actors"] = args.reuse_actors
     launch["progress_every"] = args.progress_every
@@ -522,8 +629,80 @@ def run(args: argparse.Namespace) -> int:
         write_hparams_experiment(exp_dir, space.base.to_dict(),
                                  hparam_domains(args.command, space, launch))
         tuner = make_tuner(args.command, space, launch, exp_dir, trainable)
-    results = tuner.fit()
+    resume_line = (f"python -m poh_tune.launch {args.command} --resume --name {exp_dir.name} "
+                   f"--storage {exp_dir.parent}"
+                   + (f" --address {args.address}" if args.address else ""))
+    try:
+        with interruption_watch() as interrupted:
+            results = tuner.fit()
+            was_interrupted = interrupted()  # here: leaving the block puts the old handler back
+    except KeyboardInterrupt:  # a second Ctrl-C while Tune saved its state, or one before
+        resumable = (exp_dir / "tuner.pkl").exists()  # Tune registered the experiment
+        print("\ninterrupted; " + (f"continue with: {resume_line}" if resumable else
+                                   "the run had not started, there is nothing to resume"),
+              file=sys.stderr)
+        return 130
+    if was_interrupted:
+        expected = len(variants) if args.command == "grid" else launch["num_samples"]
+        return report_interrupted(results, expected, space.base.epochs, resume_line)
     return finish(args.command, space, exp_dir, results, args.no_report)
+
+
+class _DropTuneRestoreHint(logging.Filter):
+    """Tune's own "Resume experiment with: Tuner.restore(...)" does not apply to poh_tune."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def interruption_watch():
+    """Yields a function that says, after Tuner.fit(), whether SIGINT (or SIGUSR1) stopped it.
+
+    Tune catches the first SIGINT and makes fit() return normally, as if the run were done. Its
+    handler puts back the handler it found and nothing else does: so a marker handler installed
+    here is back in place after fit() exactly when the run was interrupted.
+    """
+    def marker(signum, frame):  # only reached when Tune did not install its own handler
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, marker)
+    hint_filter = _DropTuneRestoreHint()
+    tune_logger = logging.getLogger("ray.tune.tune")
+    tune_logger.addFilter(hint_filter)
+    tune_handles_sigint = not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") or 0)
+    try:
+        yield lambda: tune_handles_sigint and signal.getsignal(signal.SIGINT) is marker
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        tune_logger.removeFilter(hint_filter)
+
+
+def report_interrupted(results, expected: int, epochs: int, resume_line: str) -> int:
+    """The truth about an interrupted run, from each trial's own files; nothing is written.
+
+    Tune marks every trial TERMINATED when it is interrupted, so a trial counts as finished when it
+    errored or logged all its epochs, interrupted when it logged some, not started otherwise
+    (trials Tune never created included). An ASHA stop counts as interrupted here; --resume keeps
+    it stopped.
+    """
+    finished = partial = 0
+    for r in results:
+        trial_dir = Path(r.path)
+        info = yaml.safe_load((trial_dir / TRIAL_FILE).read_text()) if (
+            trial_dir / TRIAL_FILE).exists() else {}
+        want = int(((info or {}).get("config") or {}).get("epochs", epochs))
+        done = len(read_metrics(trial_dir / METRICS_FILE))
+        if r.error is not None or done >= want:
+            finished += 1
+        elif done > 0:
+            partial += 1
+    not_started = max(0, expected - finished - partial)
+    print(f"\ninterrupted: {finished} of {expected} trials finished, {partial} interrupted, "
+          f"{not_started} not started; results.csv, best_config.yaml and the report were not "
+          f"written\ncontinue with: {resume_line}", file=sys.stderr)
+    return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -533,8 +712,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; continue with --resume", file=sys.stderr)
+    except KeyboardInterrupt:  # before Tune started: an earlier run is as it was
+        print("interrupted before the run started" + (
+            "; the run is as it was, continue it with --resume" if args.resume
+            else "; there is nothing to resume"), file=sys.stderr)
         return 130
 
 

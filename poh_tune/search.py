@@ -39,6 +39,7 @@ class PohOptunaSearch(OptunaSearch):
     """OptunaSearch that tells Optuna the truth about early stops and survives a driver restore.
 
     - Every epoch's metric is an intermediate value at step = epoch (not Tune's iteration count).
+    - Every study trial names its Tune trial in the user attribute `ray_trial_id`.
     - A trial that ended before `epochs` without an error (ASHA stopped it) is PRUNED at the epoch
       it reached, not COMPLETE with its low-fidelity value (Ray's default, which misleads TPE).
     - After a restore, a study trial left RUNNING by a Tune trial that the restored experiment does
@@ -58,7 +59,11 @@ class PohOptunaSearch(OptunaSearch):
             self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, tid)
             logger.info("trial %s adopts Optuna trial id %s left RUNNING before the restore",
                         trial_id, tid)
-        return super().suggest(trial_id)
+        params = super().suggest(trial_id)
+        if trial_id in self._ot_trials:  # which Tune trial (and trial folder) it is
+            self._ot_study._storage.set_trial_user_attr(
+                self._ot_trials[trial_id]._trial_id, "ray_trial_id", trial_id)
+        return params
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:

@@ -265,11 +265,25 @@ def grid_variants(space: Space, names: list[str] | None = None
     return variants, membership
 
 
-def resolve_space_path(arg: str | None, default_name: str) -> Path:
-    """A path as given, or a bare name looked up in search_spaces/."""
+def resolve_space_path(arg: str | None, default_name: str, next_arg: str | None = None) -> Path:
+    """A path as given, or a bare name looked up in search_spaces/.
+
+    Args:
+        arg: the positional search-space argument (None: `default_name` in search_spaces/).
+        default_name: the file used when no space is given.
+        next_arg: the positional argument after it, quoted in the hint for a forgotten "="
+            (`launch grid epochs 2`).
+    """
     if arg is None:
         return SPACES_DIR / default_name
     p = Path(arg)
-    if not p.exists() and not p.suffix and (SPACES_DIR / f"{arg}.yaml").exists():
+    if p.exists() or p.suffix or "/" in arg:
+        return p  # a path: read_yaml says what is wrong with it
+    if (SPACES_DIR / f"{arg}.yaml").exists():
         return SPACES_DIR / f"{arg}.yaml"
-    return p
+    names = sorted(f.stem for f in SPACES_DIR.glob("*.yaml"))
+    value = next_arg if next_arg is not None and "=" not in next_arg else "VALUE"
+    hint = (f"to change the config key write {arg}={value}" if arg in TrialConfig.__dataclass_fields__
+            else "a config change is written key=value, e.g. epochs=20")
+    raise ConfigError(f"{arg!r}: no such search-space file, and no search space of that name"
+                      f"{suggest(arg, names)} (spaces: {', '.join(names)}); {hint}")

@@ -45,7 +45,15 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out) if args.out else None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            print(f"error: --out {out}: is a file; expected a directory (created if missing)",
+                  file=sys.stderr)
+            return 2
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"error: --out {out}: cannot create it ({e.strerror or e})", file=sys.stderr)
+            return 2
         save_config(cfg, out / "config.yaml")
     runner = TrialRunner(cfg)
     bar = tqdm(total=cfg.epochs, desc="epochs", unit="ep", file=sys.stderr, dynamic_ncols=True)

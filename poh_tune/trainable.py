@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -14,7 +15,7 @@ import torch
 from ray import tune
 
 from poh_tune.config import from_dict
-from poh_tune.io import atomic_write_text, read_metrics
+from poh_tune.io import atomic_write_bytes, atomic_write_text, read_metrics
 from poh_tune.spaces import canonical
 from poh_tune.tblog import tb_scalars, write_session_start
 from poh_tune.trainer import TrainingDiverged, TrialRunner
@@ -22,6 +23,10 @@ from poh_tune.trainer import TrainingDiverged, TrialRunner
 METRICS_FILE = "metrics.jsonl"
 TRIAL_FILE = "poh_trial.yaml"
 CKPT_FILE = "trial.pt"
+# The trial's own state, in its storage folder, replaced atomically before every report: a resume
+# continues from it whatever Tune's experiment snapshot says (that snapshot lags behind the trial
+# and may name a checkpoint that CheckpointConfig(num_to_keep) has deleted since).
+STATE_FILE = "trial_state.pt"
 TB_DIR = "tb"
 # Test-only fault injection (issue 6): the trial's process exits hard after this epoch, once.
 CRASH_ENV = "POH_TUNE_CRASH_AFTER_EPOCH"
@@ -41,12 +46,16 @@ def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def trial_storage_dir() -> Path:
-    """The trial's folder in the experiment's storage, written directly.
+def trial_storage_dir() -> tuple[Path, bool]:
+    """The trial's folder in the experiment's storage, written directly, and whether it is.
 
     `get_trial_dir()` is a staging copy in the Ray session's temp folder that Ray syncs up over
     the stored one; after a driver restore the new session's staging folder starts empty, so an
     append-only file kept there would be overwritten by its tail.
+
+    Returns:
+        the folder; True when it is the storage itself (local storage), False for Ray's staging
+        copy (remote storage), where only Tune's checkpoints survive a driver restore.
     """
     ctx = tune.get_context()
     try:
@@ -54,10 +63,17 @@ def trial_storage_dir() -> Path:
 
         storage = ctx.get_storage()
         if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
-            return Path(storage.trial_fs_path)
+            return Path(storage.trial_fs_path), True
     except Exception:  # a remote storage filesystem: fall back to Ray's synced folder
         pass
-    return Path(ctx.get_trial_dir())
+    return Path(ctx.get_trial_dir()), False
+
+
+def save_state(runner: TrialRunner, path: Path) -> None:
+    """The runner's state, replaced atomically (a kill leaves the old state or the new one)."""
+    buf = io.BytesIO()
+    torch.save(runner.state_dict(), buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def select_device() -> str:
@@ -95,15 +111,18 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
     torch.set_num_threads(threads)
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
-    trial_dir = trial_storage_dir()
+    trial_dir, durable = trial_storage_dir()
     trial_dir.mkdir(parents=True, exist_ok=True)
     diverged = trial_dir / DIVERGED_FILE
     if diverged.exists():  # a retry (FailureConfig) of a diverged trial: it would diverge again
         raise TrainingDiverged(diverged.read_text().strip())
     runner = TrialRunner(cfg, device=select_device())
 
+    state_file = trial_dir / STATE_FILE
     ckpt = tune.get_checkpoint()
-    if ckpt is not None:
+    if durable and state_file.exists():  # never older than a Tune checkpoint of this trial
+        runner.load(state_file)
+    elif ckpt is not None:
         with ckpt.as_directory() as d:
             runner.load(Path(d) / CKPT_FILE)
 
@@ -120,12 +139,25 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
 
     metrics_file = trial_dir / METRICS_FILE
     logged = last_logged_epoch(metrics_file)
-    writer = SummaryWriter(str(trial_dir / TB_DIR), flush_secs=5)
-    if logged == 0:
-        write_session_start(writer, cfg.to_dict(), trial_id)
     node_id = ray.get_runtime_context().get_node_id()
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
     crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+
+    def extra() -> dict[str, Any]:
+        return {"node_id": node_id, "gpu_ids": ",".join(gpu_ids),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                "device": str(runner.device), "torch_threads": threads,
+                "started_at": started_at, "reported_at": time.time()}
+
+    if runner.done:
+        # Finished before a driver kill that Tune's snapshot predates: Tune still waits for a
+        # result, so the last epoch's row is reported once more (it is not logged again).
+        rows = read_metrics(metrics_file)
+        tune.report({**(rows[-1] if rows else {"epoch": runner.epoch}), **extra()})
+        return
+    writer = SummaryWriter(str(trial_dir / TB_DIR), flush_secs=5)
+    if logged == 0:
+        write_session_start(writer, cfg.to_dict(), trial_id)
     try:
         while not runner.done:
             try:
@@ -140,11 +172,14 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
                     writer.add_scalar(tag, v, epoch)
                 writer.flush()
                 logged = epoch
-            report = {**m, "node_id": node_id, "gpu_ids": ",".join(gpu_ids),
-                      "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-                      "device": str(runner.device), "torch_threads": threads,
-                      "started_at": started_at, "reported_at": time.time()}
+            report = {**m, **extra()}
             if epoch % checkpoint_every == 0 or runner.done:
+                save_state(runner, state_file)
+            if durable:
+                # No Tune checkpoint: the state file above is the checkpoint, and a Tune one
+                # could only bring back the snapshot race.
+                tune.report(report)
+            elif epoch % checkpoint_every == 0 or runner.done:
                 with tempfile.TemporaryDirectory() as tmp:
                     runner.save(Path(tmp) / CKPT_FILE)
                     tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))

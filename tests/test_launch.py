@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -107,8 +108,14 @@ def test_optuna_smoke_asha_prunes(tmp_path):
         if t.state == optuna.trial.TrialState.PRUNED:
             assert t.user_attrs["stopped_at_epoch"] < 3
             assert max(t.intermediate_values) == t.user_attrs["stopped_at_epoch"]
-    assert load_config(exp / "best_config.yaml").array_len == 8
+    best = load_config(exp / "best_config.yaml")
+    assert best.array_len == 8
     assert (exp / "poh_experiment.yaml").exists()
+    # Each Optuna trial names its Tune trial; poh_tune's best is Optuna's best (ties included:
+    # smoke trials often tie on τ).
+    assert sorted(t.user_attrs["ray_trial_id"] for t in study.trials) == sorted(
+        r["trial_id"] for r in rows)
+    assert {k: getattr(best, k) for k in study.best_trial.params} == study.best_trial.params
 
 
 @pytest.mark.slow
@@ -168,7 +175,11 @@ def test_address_joins_a_separately_started_head(tmp_path):
     if ray_cli is None:
         pytest.skip("the ray CLI is not installed")
     port = _free_port()
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # A private Ray temp dir (short: Ray's socket paths): `ray start` records the head in
+    # <temp dir>/ray/ray_current_cluster and a stopped head leaves that file behind; in the
+    # shared /tmp/ray it would send every later `--address auto` on this machine to a dead head.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(ray_tmp)}
     # --block keeps the head's processes children of this one process: stopping it stops them
     # (`ray stop` would also stop every other Ray on this machine).
     head = subprocess.Popen([ray_cli, "start", "--head", f"--port={port}",
@@ -185,10 +196,12 @@ def test_address_joins_a_separately_started_head(tmp_path):
             time.sleep(0.5)
         p = launch("grid", "--smoke", "--experiment", "baseline_vs_hrm", "--address",
                    f"127.0.0.1:{port}", "--storage", str(tmp_path), "--name", "a", "--no-report",
-                   env={"RAY_AUTH_MODE": "token"}, timeout=150)
+                   env={"RAY_AUTH_MODE": "token", "RAY_TMPDIR": str(ray_tmp)}, timeout=150)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         rows = rows_of(tmp_path / "a")
         assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows)
+        # The head recorded itself in the private temp dir, not in the shared one.
+        assert (ray_tmp / "ray" / "ray_current_cluster").read_text().strip() == f"127.0.0.1:{port}"
     finally:
         head.send_signal(signal.SIGTERM)
         try:
@@ -199,6 +212,28 @@ def test_address_joins_a_separately_started_head(tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)  # the address file goes with it
+
+
+def test_best_row_breaks_ties_by_creation_order_as_optuna_and_ray_do():
+    from poh_tune.launch import best_row
+
+    def row(trial_id: str, tau: float, order: int, **kw) -> dict:
+        return {"trial_id": trial_id, "trial_order": order, "status": "TERMINATED",
+                "stopped_early": False, "final_tau": tau, **kw}
+
+    # Tied at 0.354: the earliest created, whatever the rows' order or the (random) ids.
+    rows = [row("0cc4", 0.354, 1), row("bf23", 0.354, 0), row("cde2", 0.354, 5),
+            row("3e5a", 0.5, 2, stopped_early=True), row("95d3", 0.2, 4)]
+    assert best_row(rows, "tau", "max")["trial_id"] == "bf23"
+    assert best_row(rows, "tau", "min")["trial_id"] == "95d3"
+    # With an Optuna study, its trial numbers decide (a trial adopted after a restore may be
+    # created later by Tune than its number says).
+    numbered = [{**r, "optuna_trial": n} for r, n in zip(rows, [0, 3, 1, 2, 4], strict=True)]
+    assert best_row(numbered, "tau", "max")["trial_id"] == "0cc4"
+    rows.append(row("f8cc", 0.36, 6))
+    assert best_row(rows, "tau", "max")["trial_id"] == "f8cc"  # a better value still wins
+    assert best_row([row("d85e", float("nan"), 0)], "tau", "max") is None
 
 
 def test_lost_trial_folders_are_retired(tmp_path):
