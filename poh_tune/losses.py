@@ -27,10 +27,13 @@ def ranknet_per_sample(scores: torch.Tensor, target_ranks: torch.Tensor, obs_mas
                        ) -> torch.Tensor:
     """RankNet: BCE of sigmoid(s_i - s_j) against [rank_i > rank_j] over observed, non-tied pairs."""
     diff = scores.unsqueeze(-1) - scores.unsqueeze(-2)  # (N, L, L)
-    label = (target_ranks.unsqueeze(-1) > target_ranks.unsqueeze(-2)).to(scores.dtype)
-    pairs = _pair_mask(target_ranks, obs_mask).to(scores.dtype)
-    # Leading dims of the targets may broadcast against the scores' (iterations x samples).
-    bce = F.binary_cross_entropy_with_logits(diff, label.expand_as(diff), reduction="none")
+    r_i, r_j = target_ranks.unsqueeze(-1), target_ranks.unsqueeze(-2)
+    label = (r_i > r_j).to(scores.dtype)
+    pairs = (obs_mask.unsqueeze(-1) & obs_mask.unsqueeze(-2) & (r_i != r_j)).to(scores.dtype)
+    # BCE with logits, log(1 + e^x) - x y, written out: the same value (softplus is computed
+    # stably) in three aten calls where binary_cross_entropy_with_logits makes a dozen. The
+    # targets' leading dims broadcast against the scores' (iterations x samples).
+    bce = F.softplus(diff) - diff * label
     return (bce * pairs).sum((-1, -2)) / pairs.sum((-1, -2)).clamp_min(1)
 
 

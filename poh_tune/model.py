@@ -71,12 +71,16 @@ class Block(nn.Module):
         self.ff2 = ELinear(S, d_ff, d_model)
         self.ln2 = ELayerNorm(S, d_model)
 
-    def forward(self, x: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
-        """x (S, B, L, D), alpha (S, B, L, H) or None -> (S, B, L, D)."""
-        S, B, L, D = x.shape
-        x = x.view(S, B * L, D)  # rows: 3-D all through, no reshapes in the layers inside
+    def forward(self, x: torch.Tensor, alpha: torch.Tensor | None = None,
+                L: int | None = None) -> torch.Tensor:
+        """x (S, B, L, D), alpha (S, B, L, H) or None -> (S, B, L, D); or x as token rows
+        (S, B*L, D), alpha (S, B*L, H), with L given -> (S, B*L, D)."""
+        if L is None:
+            S, B, L, D = x.shape
+            return self.forward(x.view(S, B * L, D), alpha, L).view(S, B, L, D)
+        # rows: 3-D all through, no reshapes in the layers inside
         x = self.ln1(x + self.attn(x, alpha, L))
-        return self.ln2(x + self.ff2(self.ff1(x, relu=True))).view(S, B, L, D)
+        return self.ln2(x + self.ff2(self.ff1(x, relu=True)))
 
 
 @dataclass
@@ -107,9 +111,13 @@ class HRMWeights:
     # iteration runs one matmul instead of two.
     x_gates: torch.Tensor  # (S, d_model, 3*d_ctrl) = inp.weight @ ih.weight[:, :d_ctrl]
     gate_bias: torch.Tensor  # (S, 1, 3*d_ctrl) = inp.bias @ ih.weight[:, :d_ctrl] + ih.bias
-    ih_z: torch.Tensor  # (S, d_ctrl, 3*d_ctrl) fast cell, z_H half
-    router_L: torch.Tensor  # (S, d_ctrl, H) router, z_L half
-    router_z: torch.Tensor  # (S, d_ctrl, H) router, z_H half
+    # z_H's halves of the fast cell's input weight and of the router, side by side: z_H is
+    # projected through both in one matmul, [ih_z | router_z / T], with [ih.bias | router.bias / T].
+    z_H_w: torch.Tensor  # (S, d_ctrl, 3*d_ctrl + H)
+    z_H_b: torch.Tensor  # (S, 1, 3*d_ctrl + H)
+    # The router's weights and bias divided by the routing temperature once per forward, so
+    # its logits come out divided (no division per iteration).
+    router_L: torch.Tensor  # (S, d_ctrl, H) router, z_L half, / T
 
 
 class HRMController(nn.Module):
@@ -133,20 +141,30 @@ class HRMController(nn.Module):
         self.z_L0 = nn.Parameter(torch.zeros(S, 1, d_ctrl))
         self.z_H0 = nn.Parameter(torch.zeros(S, 1, d_ctrl))
 
-    def init_carry(self, n_tokens: int) -> HRMCarry:
+    # step() returns logits already divided by the temperature given to init_carry.
+    scales_by_temperature = True
+
+    def init_carry(self, n_tokens: int, temperature: float | torch.Tensor = 1.0) -> HRMCarry:
+        """temperature: a float or (S,), one per member."""
         S, _, c = self.z_L0.shape
-        w = self.weights()
+        w = self.weights(temperature)
         # Every token starts from the same z_H: project it once, broadcast over tokens.
         return HRMCarry(self.z_L0.expand(S, n_tokens, c), self.z_H0.expand(S, n_tokens, c),
                         self.project_z_H(self.z_H0, w), w)
 
-    def weights(self) -> HRMWeights:
-        c = self.z_L0.shape[-1]
-        ih, r = self.cell_L.ih.weight, self.router.weight
+    def weights(self, temperature: float | torch.Tensor = 1.0) -> HRMWeights:
+        S, _, c = self.z_L0.shape
+        ih, r, rb = self.cell_L.ih.weight, self.router.weight, self.router.bias
+        if isinstance(temperature, torch.Tensor):
+            inv = temperature.reciprocal().view(S, 1, 1)
+            r, rb = r * inv, rb * inv
+        elif temperature != 1.0:
+            r, rb = r / temperature, rb / temperature
         ih_u = ih[:, :c]
-        return HRMWeights(torch.bmm(self.inp.weight, ih_u),
-                          torch.baddbmm(self.cell_L.ih.bias, self.inp.bias, ih_u),
-                          ih[:, c:], r[:, :c], r[:, c:])
+        gate_bias = torch.baddbmm(self.cell_L.ih.bias, self.inp.bias, ih_u)
+        return HRMWeights(torch.bmm(self.inp.weight, ih_u), gate_bias,
+                          torch.cat([ih[:, c:], r[:, c:]], -1), torch.cat([gate_bias, rb], -1),
+                          r[:, :c])
 
     def project_z_H(self, z_H: torch.Tensor, w: HRMWeights) -> tuple[torch.Tensor, torch.Tensor]:
         """z_H's terms of the fast cell's input gates and of the router, biases included.
@@ -154,7 +172,9 @@ class HRMController(nn.Module):
         The fast cell reads [u, z_H] and the router [z_L, z_H]; both are linear in the
         concatenation, so each splits into a z_H part that changes only with z_H.
         """
-        return (ebaddmm(w.gate_bias, z_H, w.ih_z), ebaddmm(self.router.bias, z_H, w.router_z))
+        gates, logits = ebaddmm(w.z_H_b, z_H, w.z_H_w).split(
+            [w.gate_bias.shape[-1], w.router_L.shape[-1]], -1)
+        return gates, logits
 
     def update_mask(self, t: int, device: torch.device) -> torch.Tensor | None:
         """(S, 1, 1) bool: the members whose z_H updates at iteration t; None when all do.
@@ -171,25 +191,28 @@ class HRMController(nn.Module):
         return self._masks[key]
 
     def step(self, carry: HRMCarry, x: torch.Tensor, t: int) -> tuple[torch.Tensor, HRMCarry]:
-        """One iteration t (0-based). x: (S, B, L, d_model).
+        """One iteration t (0-based). x: token rows (S, B*L, d_model), or (S, B, L, d_model).
 
-        Returns router logits (S, B, L, H) and the new carry. z_H updates for the members whose
-        period divides t (t % period == 0), masked per member, never for the whole ensemble.
+        Returns router logits divided by the temperature, shaped as x's tokens ((S, B*L, H) or
+        (S, B, L, H)), and the new carry. z_H updates for the members whose period divides t
+        (t % period == 0), masked per member, never for the whole ensemble.
         """
-        S, B, L, _ = x.shape
+        rows = x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
         w = carry.weights or self.weights()
         proj = carry.z_H_proj if carry.z_H_proj is not None else self.project_z_H(carry.z_H, w)
-        gi = ebaddmm(proj[0], x.reshape(S, B * L, -1), w.x_gates)  # (S, B*L, 3*d_ctrl)
+        gi = ebaddmm(proj[0], rows, w.x_gates)  # (S, B*L, 3*d_ctrl)
         z_L = self.cell_L.from_gates(gi, carry.z_L)  # input [u, z_H]
         z_H = carry.z_H
         if any(t % p == 0 for p in self.periods):
             new = self.cell_H(z_L, z_H)
-            mask = self.update_mask(t, x.device)
+            mask = self.update_mask(t, rows.device)
             if mask is not None:
                 new = torch.where(mask, new, z_H)
             z_H, proj = new, self.project_z_H(new, w)
         logits = ebaddmm(proj[1], z_L, w.router_L)
-        return logits.view(S, B, L, -1), HRMCarry(z_L, z_H, proj, w)
+        if x.dim() != 3:
+            logits = logits.view(*x.shape[:-1], -1)
+        return logits, HRMCarry(z_L, z_H, proj, w)
 
 
 class MLPController(nn.Module):
@@ -200,7 +223,9 @@ class MLPController(nn.Module):
         self.hidden = ELinear(S, d_model, d_ctrl)
         self.head = ELinear(S, d_ctrl, n_heads)
 
-    def init_carry(self, n_tokens: int) -> None:
+    scales_by_temperature = False
+
+    def init_carry(self, n_tokens: int, temperature: float | torch.Tensor = 1.0) -> None:
         return None
 
     def step(self, carry, x: torch.Tensor, t: int):
@@ -308,45 +333,57 @@ class PoHSorter(nn.Module):
     def encode(self, x: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         """x: (S, B, L) scaled values (0 where hidden); obs: (S, B, L) bool -> (S, B, L, d)."""
         S, B, L = x.shape
+        return self._encode_rows(x, obs).view(S, B, L, -1)
+
+    def _encode_rows(self, x: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        """encode() as token rows (S, B*L, d)."""
+        S, B, L = x.shape
+        d = self.pos_emb.shape[-1]
         flag = torch.where(obs.unsqueeze(-1), self.obs_emb[:, None, None, 1],
                            self.obs_emb[:, None, None, 0])  # (S, B, L, d)
-        h = self.value_proj(x.unsqueeze(-1)) + flag + self.pos_emb[:, None, :L]
-        return self.encoder(h)
+        base = flag + (self.pos_emb[:, :L] + self.value_proj.bias).unsqueeze(1)
+        # value_proj reads one number per token: its "matmul" is an elementwise product.
+        h = torch.addcmul(base, x.unsqueeze(-1), self.value_proj.weight.view(S, 1, 1, d))
+        return self.encoder(h.view(S, B * L, d), None, L)
 
     def forward(self, x: torch.Tensor, obs: torch.Tensor,
                 temperature: float | torch.Tensor = 1.0, keep_hidden: bool = False,
                 keep_z_H: bool = False) -> ForwardOut:
         """x: (S, B, L) scaled values; obs: (S, B, L) bool; temperature: a float or (S,), one
         per member (configurations with different schedules train together)."""
-        z = self.encode(x, obs)  # (S, B, L, d)
+        S, B, L = x.shape
+        z = self._encode_rows(x, obs)  # (S, B*L, d) token rows through the loop
+        d = z.shape[-1]
         if self.cfg.model == "baseline":
-            scores = self.score_head(z).squeeze(-1).unsqueeze(0)  # (1, S, B, L)
-            return ForwardOut(scores, z.unsqueeze(0) if keep_hidden else None, None, None)
+            scores = self.score_head(z).view(1, S, B, L)
+            return ForwardOut(scores, z.view(1, S, B, L, d) if keep_hidden else None, None, None)
 
-        S, B, L, _ = z.shape
-        if isinstance(temperature, torch.Tensor):
-            temperature = temperature.view(S, 1, 1, 1)
-        carry = self.controller.init_carry(B * L)
+        T = self.cfg.max_inner_iters
+        carry = self.controller.init_carry(B * L, temperature)
+        divide = not self.controller.scales_by_temperature
+        if divide and isinstance(temperature, torch.Tensor):
+            temperature = temperature.view(S, 1, 1)
         states, alphas, z_Hs = [], [], []
-        for t in range(self.cfg.max_inner_iters):
+        for t in range(T):
             if t > 0 and self.cfg.grad_mode == "last":
                 # Truncated gradient: each iteration's loss reaches only that iteration.
                 z = z.detach()
                 carry = carry.detach() if carry is not None else None
-            logits, carry = self.controller.step(carry, z, t)
-            alpha = torch.softmax(logits / temperature, dim=-1)  # (S, B, L, H)
-            z = self.block(z, alpha)
+            logits, carry = self.controller.step(carry, z, t)  # (S, B*L, H)
+            # torch.softmax would be two aten calls (softmax, _softmax) every iteration
+            alpha = torch._softmax(logits / temperature if divide else logits, -1, False)
+            z = self.block(z, alpha, L)
             states.append(z)
             alphas.append(alpha)
             if keep_z_H and carry is not None:
                 z_Hs.append(carry.z_H)
         # The readout is shared by every iteration: one matmul over all of them.
-        hs = torch.stack(states, 1)  # (S, T, B, L, d)
-        scores = self.score_head(hs).squeeze(-1).transpose(0, 1)  # (T, S, B, L)
+        hs = torch.stack(states, 1)  # (S, T, B*L, d)
+        scores = self.score_head(hs).view(S, T, B, L).transpose(0, 1)  # (T, S, B, L)
         return ForwardOut(
             scores,
-            hs.transpose(0, 1) if keep_hidden else None,
-            torch.stack(alphas),
+            hs.view(S, T, B, L, d).transpose(0, 1) if keep_hidden else None,
+            torch.stack(alphas).view(T, S, B, L, -1),
             torch.stack(z_Hs) if z_Hs else None,
         )
 
@@ -361,7 +398,7 @@ def forward_flops(cfg: ModelConfig, batch: int, pointer: bool) -> float:
     tokens = batch * L
     block = tokens * (2 * d * 3 * d + 2 * d * d + 2 * 2 * d * f) + batch * 2 * 2 * L * L * d
     readout = tokens * 2 * d
-    total = block + tokens * 2 * d  # encoder block, value projection
+    total = block  # the encoder block (the value projection is an elementwise product)
     if cfg.model == "baseline":
         total += readout  # the baseline reads scores off the encoder; PoH after each iteration
     else:

@@ -118,6 +118,7 @@ class TrialRunner:
         self.ds_weights = torch.tensor(
             losses.supervision_weights(self.cfg.deep_supervision, self.model.cfg.n_iters),
             device=self.device)
+        self._ds_weights_per_sample: dict[int, torch.Tensor] = {}
         self.epoch = 0  # epochs completed
         self.best: list[dict[str, float]] = [{"best_tau": -math.inf, "best_epoch": 0}
                                              for _ in self.members]
@@ -155,8 +156,12 @@ class TrialRunner:
             per = per.view(S, T, B).transpose(0, 1)  # back to (T, S, B)
         else:  # every iteration's scores (T, S, B, L) against the same targets (S, B, L)
             per = losses.SCORE_LOSSES[cfg.loss](out.scores, batch.ranks, mask)  # (T, S, B)
-        # Deep supervision: iteration t's mean loss over the batch weighted by ds_weights[t].
-        rank_loss = (per.view(T, S, B) * self.ds_weights.view(T, 1, 1)).sum((0, 2)) / B  # (S,)
+        # Deep supervision: iteration t's mean loss over the batch weighted by ds_weights[t];
+        # the weights / B are made once per batch size (a division by a number is several
+        # aten calls, forward and backward, every step).
+        if B not in self._ds_weights_per_sample:
+            self._ds_weights_per_sample[B] = (self.ds_weights / B).view(T, 1, 1)
+        rank_loss = (per.view(T, S, B) * self._ds_weights_per_sample[B]).sum((0, 2))  # (S,)
         if out.alphas is None:
             return rank_loss, torch.stack([rank_loss, rank_loss, torch.zeros_like(rank_loss)]
                                           ).detach()
@@ -215,9 +220,11 @@ class TrialRunner:
         everything else is fixed for the epoch, so a CUDA graph can replay it."""
         train = self.data["train"]
         sel = self._member_rows, idx
-        batch = SortData(train.values[sel], train.obs_mask[sel], train.perm[sel], train.ranks[sel])
-        out = self.model(self._x_all[sel], self._obs_all[sel], temp_S,
-                         keep_hidden=self.cfg.loss == "pointer_ce")
+        pointer = self.cfg.loss == "pointer_ce"
+        obs = self._obs_all[sel]
+        # The losses read ranks and the mask; only the pointer loss reads the permutation.
+        batch = SortData(None, obs, train.perm[sel] if pointer else None, train.ranks[sel])
+        out = self.model(self._x_all[sel], obs, temp_S, keep_hidden=pointer)
         loss, parts = self._loss(out, batch, ent_w_S)
         self.enc_opt.zero_grad()
         if self.ctrl_opt is not None:
