@@ -17,7 +17,14 @@ import yaml
 
 from poh_tune.config import ConfigError, TrialConfig, from_dict, parse_overrides, read_yaml
 from poh_tune.io import atomic_write_text, read_metrics
-from poh_tune.spaces import Space, canonical, grid_variants, load_space, resolve_space_path
+from poh_tune.spaces import (
+    Space,
+    canonical,
+    grid_variants,
+    load_space,
+    pack_variants,
+    resolve_space_path,
+)
 
 EXPERIMENT_FILE = "poh_experiment.yaml"
 METRICS_FILE = "metrics.jsonl"  # = poh_tune.trainable.METRICS_FILE (not imported: no ray/torch
@@ -30,6 +37,10 @@ FINAL_KEYS = ("tau", "tau_all", "tau_ci95", "accuracy", "perfect_sort", "train_l
               "herfindahl", "max_alpha", "routing_healthy")
 BEST_KEYS = ("best_tau", "best_epoch", "test_tau", "test_tau_ci95", "test_tau_all",
              "test_accuracy", "test_perfect_sort")
+# --pack auto without GPUs: configurations per pack (1 = off). On CPU a pack trains no faster
+# than its configurations one after the other (README "Packing": measured), and separate
+# trials spread over the CPUs; see docs/pack_measure.py.
+CPU_DEFAULT_PACK = 1
 
 
 class UsageError(Exception):
@@ -82,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--reuse-actors", action="store_true",
                        help="keep trial processes for the next trial: many short trials start "
                             "several times faster (each new process imports torch)")
+        s.add_argument("--pack", default="auto", metavar="auto|off|N",
+                       help="train up to N grid configurations that share tensor shapes as one "
+                            "trial (one ensemble); each keeps its own results row and files. "
+                            "auto: all that share shapes when trials have GPUs, off on CPU "
+                            "(default auto; never packed with --scheduler asha or optuna)")
         s.add_argument("--max-failures", type=int, default=2,
                        help="retries of a trial whose process dies (from its last checkpoint)")
         s.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -162,9 +178,40 @@ def resolve(args: argparse.Namespace) -> tuple[Space, Path, dict[str, Any]]:
     }
     if launch["num_samples"] < 1:
         raise UsageError(f"--num-samples={launch['num_samples']}: must be >= 1")
+    pack = parse_pack(args.pack)
     if args.command == "grid":
-        grid_variants(space, launch["experiment_names"])  # unknown experiment names fail here
+        variants, _ = grid_variants(space, launch["experiment_names"])  # unknown names fail here
+    if args.command == "optuna" or launch["scheduler"] == "asha":
+        if isinstance(pack, int) and pack > 1:
+            who = ("launch optuna: the searcher" if args.command == "optuna"
+                   else "--scheduler asha: ASHA")
+            raise UsageError(f"--pack {args.pack}: {who} decides per configuration, so its "
+                             f"trials are never packed; use --pack off")
+        pack = 1
+    elif pack == "auto":
+        pack = len(variants) if gpu > 0 else CPU_DEFAULT_PACK
+    launch["pack"] = pack
     return space, exp_dir, launch
+
+
+def parse_pack(value: str) -> str | int:
+    """--pack: "auto", or the most configurations per trial (off = 1)."""
+    if value in ("auto", "off"):
+        return 1 if value == "off" else value
+    if not value.isdigit() or int(value) < 1:
+        raise UsageError(f"--pack={value!r}: expected auto, off or an integer >= 1")
+    return int(value)
+
+
+def trial_points(space: Space, launch: dict[str, Any]) -> list[dict[str, Any]]:
+    """A grid's Tune trials: each configuration's swept params, or with packing one
+    {"pack": [params, ...]} per pack (spaces.pack_variants)."""
+    variants, _ = grid_variants(space, launch["experiment_names"])
+    size = int(launch.get("pack", 1))
+    if size <= 1:
+        return variants
+    return [{"pack": [variants[i] for i in p]}
+            for p in pack_variants(space.base, variants, size)]
 
 
 def hparam_domains(command: str, space: Space, launch: dict[str, Any]
@@ -276,10 +323,15 @@ def check_trial_fits(cpu: float, gpu: float, embedded: bool) -> None:
 def make_trainable(space: Space, launch: dict[str, Any], membership: dict[str, list[str]]):
     from ray import tune
 
-    from poh_tune.trainable import train_trial
+    from poh_tune.trainable import train_pack, train_trial
 
-    fn = tune.with_parameters(train_trial, base=space.base.to_dict(), membership=membership,
-                              checkpoint_every=launch["checkpoint_every"])
+    if int(launch.get("pack", 1)) > 1:
+        fn = tune.with_parameters(train_pack, base=space.base.to_dict(), membership=membership,
+                                  checkpoint_every=launch["checkpoint_every"],
+                                  metric=space.metric, mode=space.metric_mode)
+    else:
+        fn = tune.with_parameters(train_trial, base=space.base.to_dict(), membership=membership,
+                                  checkpoint_every=launch["checkpoint_every"])
     return tune.with_resources(fn, {"cpu": launch["cpu"], "gpu": launch["gpu"]})
 
 
@@ -302,10 +354,10 @@ def make_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
         scheduler = FIFOScheduler()
     max_conc = launch["max_concurrent"]
     if command == "grid":
-        variants, _ = grid_variants(space, launch["experiment_names"])
-        param_space = dict(variants[0])
-        search_alg = BasicVariantGenerator(points_to_evaluate=variants, max_concurrent=max_conc)
-        num_samples = len(variants)
+        points = trial_points(space, launch)
+        param_space = dict(points[0])
+        search_alg = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_conc)
+        num_samples = len(points)
     else:
         from optuna.samplers import TPESampler
 
@@ -350,30 +402,51 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
 
 
 def collect(results, epochs_of: dict[str, int]) -> list[dict[str, Any]]:
-    """One row per trial from Tune's ResultGrid and each trial's own metrics.jsonl."""
+    """One row per configuration from Tune's ResultGrid and each configuration's own files.
+
+    A trial is one configuration (its folder is the trial's) or a pack of them (its k-th
+    configuration's folder is <trial folder>/c<k>/, trial_id <pack id>_c<k>).
+    """
     rows = []
     for r in results:
         trial_dir = Path(r.path)
-        info = yaml.safe_load((trial_dir / TRIAL_FILE).read_text()) if (
-            trial_dir / TRIAL_FILE).exists() else {}
-        cfg = info.get("config") or {}
-        trial_id = info.get("trial_id") or (r.metrics or {}).get("trial_id") or trial_dir.name
-        hist = read_metrics(trial_dir / METRICS_FILE)
-        last = hist[-1] if hist else {}
-        done = int(last.get("epoch", 0))
-        epochs = int(cfg.get("epochs", epochs_of.get(trial_id, 0)) or 0)
         error = None if r.error is None else str(r.error).strip().splitlines()[-1][:500]
-        row: dict[str, Any] = {
-            "trial_id": trial_id, "status": "ERROR" if error else "TERMINATED",
-            "experiments": ";".join(info.get("experiments") or []),
-            "epochs_done": done, "stopped_early": error is None and done < epochs,
-            "error": error or "", "trial_dir": str(trial_dir)}
-        row.update({f"config.{k}": (v if not isinstance(v, list) else " ".join(map(str, v)))
-                    for k, v in cfg.items()})
-        row.update({f"final_{k}": last.get(k, "") for k in FINAL_KEYS})
-        row.update({k: last.get(k, "") for k in BEST_KEYS})
-        rows.append(row)
+        pack = (r.config or {}).get("pack")
+        tune_id = (r.metrics or {}).get("trial_id") or trial_dir.name
+        if isinstance(pack, list) and len(pack) > 1:
+            for k in range(len(pack)):
+                folder = trial_dir / f"c{k}"  # = poh_tune.trainable.config_folder(k)
+                rows.append(_row(folder, f"{tune_id}_c{k}", error, epochs_of, tune_id))
+        else:
+            rows.append(_row(trial_dir, tune_id, error, epochs_of))
     return sorted(rows, key=lambda x: x["trial_id"])
+
+
+def _row(folder: Path, fallback_id: str, error: str | None, epochs_of: dict[str, int],
+         pack_id: str = "") -> dict[str, Any]:
+    """One configuration's results.csv row; `error`: its trial's (a pack's: every member's)."""
+    info = yaml.safe_load((folder / TRIAL_FILE).read_text()) if (
+        folder / TRIAL_FILE).exists() else {}
+    cfg = info.get("config") or {}
+    trial_id = info.get("trial_id") or fallback_id
+    diverged = folder / ".diverged"  # = poh_tune.trainable.DIVERGED_FILE (a pack's member)
+    if error is None and pack_id and diverged.is_file():
+        error = diverged.read_text().strip().splitlines()[-1][:500]
+    hist = read_metrics(folder / METRICS_FILE)
+    last = hist[-1] if hist else {}
+    done = int(last.get("epoch", 0))
+    epochs = int(cfg.get("epochs", epochs_of.get(trial_id, 0)) or 0)
+    row: dict[str, Any] = {
+        "trial_id": trial_id, "pack_id": info.get("pack_id", pack_id),
+        "status": "ERROR" if error else "TERMINATED",
+        "experiments": ";".join(info.get("experiments") or []),
+        "epochs_done": done, "stopped_early": error is None and done < epochs,
+        "error": error or "", "trial_dir": str(folder)}
+    row.update({f"config.{k}": (v if not isinstance(v, list) else " ".join(map(str, v)))
+                for k, v in cfg.items()})
+    row.update({f"final_{k}": last.get(k, "") for k in FINAL_KEYS})
+    row.update({k: last.get(k, "") for k in BEST_KEYS})
+    return row
 
 
 def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
@@ -390,6 +463,11 @@ def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, An
 
 
 def config_of(row: dict[str, Any]) -> TrialConfig:
+    """A row's configuration: its poh_trial.yaml's, else parsed from its config columns."""
+    spec = Path(row.get("trial_dir", "")) / TRIAL_FILE
+    info = read_yaml(spec) if row.get("trial_dir") and spec.is_file() else None
+    if isinstance(info, dict) and isinstance(info.get("config"), dict):
+        return from_dict(info["config"])
     d = {k[len("config."):]: v for k, v in row.items() if k.startswith("config.")}
     d["seeds"] = [int(s) for s in str(d["seeds"]).split()]
     return from_dict(d)
@@ -407,7 +485,8 @@ def retire_lost_trials(exp_dir: Path, rows: list[dict[str, Any]]) -> int:
     """
     known = {Path(r["trial_dir"]).resolve() for r in rows}
     n = 0
-    for f in exp_dir.glob(f"*/{TRIAL_FILE}"):
+    specs = [*exp_dir.glob(f"*/{TRIAL_FILE}"), *exp_dir.glob(f"*/c*/{TRIAL_FILE}")]  # packs
+    for f in specs:
         if f.parent.resolve() not in known:
             os.replace(f, f.parent / LOST_TRIAL_FILE)
             n += 1
@@ -499,7 +578,7 @@ def run(args: argparse.Namespace) -> int:
     launch["max_failures"] = args.max_failures
     launch["reuse_actors"] = args.reuse_actors
     launch["progress_every"] = args.progress_every
-    variants, membership = grid_variants(space, launch["experiment_names"]) \
+    _, membership = grid_variants(space, launch["experiment_names"]) \
         if args.command == "grid" else ([{}], {})
     print(f"experiment dir: {exp_dir}\n  tensorboard --logdir {exp_dir}", flush=True)
     start_ray(args.address, args.num_cpus, args.dashboard)
@@ -511,7 +590,8 @@ def run(args: argparse.Namespace) -> int:
         # tuner.pkl does not keep the param space: a run killed before Tune's first experiment
         # snapshot restores a fresh variant generator that needs it (KeyError otherwise).
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
-                                   resume_errored=True, param_space=dict(variants[0]))
+                                   resume_errored=True,
+                                   param_space=dict(trial_points(space, launch)[0]))
     else:
         exp_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(exp_dir / EXPERIMENT_FILE,
