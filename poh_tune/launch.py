@@ -203,15 +203,22 @@ def parse_pack(value: str) -> str | int:
     return int(value)
 
 
-def trial_points(space: Space, launch: dict[str, Any]) -> list[dict[str, Any]]:
-    """A grid's Tune trials: each configuration's swept params, or with packing one
-    {"pack": [params, ...]} per pack (spaces.pack_variants)."""
+def grid_param_space(space: Space, launch: dict[str, Any]
+                     ) -> tuple[dict[str, Any], list[dict[str, Any]] | None, int]:
+    """A grid's Tune param_space, the points to evaluate, and the number of trials.
+
+    Unpacked: one trial per configuration (its swept params, as preset points). Packed: a grid
+    search over packs, each trial's config {"pack": [params, ...]} (spaces.pack_variants);
+    packs cannot be preset points, which Tune assigns leaf by leaf onto the first point's shape.
+    """
+    from ray import tune
+
     variants, _ = grid_variants(space, launch["experiment_names"])
     size = int(launch.get("pack", 1))
     if size <= 1:
-        return variants
-    return [{"pack": [variants[i] for i in p]}
-            for p in pack_variants(space.base, variants, size)]
+        return dict(variants[0]), variants, len(variants)
+    packs = [[variants[i] for i in p] for p in pack_variants(space.base, variants, size)]
+    return {"pack": tune.grid_search(packs)}, None, 1
 
 
 def hparam_domains(command: str, space: Space, launch: dict[str, Any]
@@ -354,10 +361,9 @@ def make_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
         scheduler = FIFOScheduler()
     max_conc = launch["max_concurrent"]
     if command == "grid":
-        points = trial_points(space, launch)
-        param_space = dict(points[0])
+        param_space, points, num_samples = grid_param_space(space, launch)
         search_alg = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_conc)
-        num_samples = len(points)
+        n_trials = num_samples if points is not None else len(param_space["pack"]["grid_search"])
     else:
         from optuna.samplers import TPESampler
 
@@ -369,10 +375,10 @@ def make_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
             storage=study_storage(exp_dir), epochs=epochs)
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=max_conc or 2)
         param_space = {}
-        num_samples = launch["num_samples"]
+        num_samples = n_trials = launch["num_samples"]
     from poh_tune.progress import ProgressLine
 
-    reporter = ProgressLine(exp_dir, num_samples, epochs,
+    reporter = ProgressLine(exp_dir, n_trials, epochs,
                             every_s=float(launch.get("progress_every", 30.0)), metric=space.metric,
                             mode=space.metric_mode, asha=launch["scheduler"] == "asha")
     run_config = tune.RunConfig(
@@ -591,7 +597,8 @@ def run(args: argparse.Namespace) -> int:
         # snapshot restores a fresh variant generator that needs it (KeyError otherwise).
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
                                    resume_errored=True,
-                                   param_space=dict(trial_points(space, launch)[0]))
+                                   param_space=grid_param_space(space, launch)[0]
+                                   if args.command == "grid" else {})
     else:
         exp_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(exp_dir / EXPERIMENT_FILE,
