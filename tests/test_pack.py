@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -147,16 +148,37 @@ def _num(s: str):
         return s
 
 
+@pytest.fixture(scope="module")
+def unpacked_run(tmp_path_factory) -> Path:
+    """The smoke grid, every configuration its own trial."""
+    storage = tmp_path_factory.mktemp("unpacked")
+    p = _launch("grid", "--smoke", "--pack", "off", "--storage", str(storage), "--name", "poff",
+                "--num-cpus", "2")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return storage / "poff"
+
+
+def _same_metrics(a: dict, b: dict) -> None:
+    """Two runs of one configuration: the same epochs, each logged once, with the same values."""
+    assert [m["epoch"] for m in a["metrics"]] == [m["epoch"] for m in b["metrics"]] == [1, 2, 3]
+    for ma, mb in zip(a["metrics"], b["metrics"], strict=True):
+        assert set(ma) == set(mb)
+        for k in ma:
+            if k not in ("epoch_s", "trial_id"):
+                assert _close(ma[k], mb[k]), (k, ma[k], mb[k])
+        assert mb["trial_id"] == b["row"]["trial_id"]
+
+
 @pytest.mark.slow
-def test_packed_grid_gives_every_configuration_the_same_results_and_files(tmp_path):
+def test_packed_grid_gives_every_configuration_the_same_results_and_files(tmp_path,
+                                                                          unpacked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    runs = {}
-    for mode in ("11", "off"):
-        p = _launch("grid", "--smoke", "--pack", mode, "--storage", str(tmp_path),
-                    "--name", f"p{mode}", "--num-cpus", "2")
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        runs[mode] = _by_config(tmp_path / f"p{mode}")
+    p = _launch("grid", "--smoke", "--pack", "11", "--storage", str(tmp_path), "--name", "p11",
+                "--num-cpus", "2")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    runs = {"11": _by_config(tmp_path / "p11"), "off": _by_config(unpacked_run)}
+    exps = {"11": tmp_path / "p11", "off": unpacked_run}
     packed, alone = runs["11"], runs["off"]
     assert len(alone) == 11 and set(packed) == set(alone)
     ids = {r["row"]["trial_id"] for r in packed.values()}
@@ -172,13 +194,7 @@ def test_packed_grid_gives_every_configuration_the_same_results_and_files(tmp_pa
             if col.startswith(("final_", "best_", "test_", "config.")) or col in (
                     "experiments", "epochs_done", "stopped_early"):
                 assert _close(_num(v), _num(b["row"][col])), (col, v, b["row"][col])
-        assert [m["epoch"] for m in a["metrics"]] == [m["epoch"] for m in b["metrics"]] == [1, 2, 3]
-        for ma, mb in zip(a["metrics"], b["metrics"], strict=True):
-            assert set(ma) == set(mb)
-            for k in ma:
-                if k not in ("epoch_s", "trial_id"):
-                    assert _close(ma[k], mb[k]), (k, ma[k], mb[k])
-            assert mb["trial_id"] == b["row"]["trial_id"]
+        _same_metrics(a, b)
         for run in (a, b):  # its own TensorBoard run with HParams
             ea = EventAccumulator(str(Path(run["row"]["trial_dir"]) / "tb"),
                                   purge_orphaned_data=False)
@@ -191,8 +207,7 @@ def test_packed_grid_gives_every_configuration_the_same_results_and_files(tmp_pa
         tb_a.Reload()
         tb_b.Reload()
         assert set(tb_a.Tags()["scalars"]) == set(tb_b.Tags()["scalars"])
-    for mode in ("11", "off"):  # the report lists every configuration, with its own id
-        exp = tmp_path / f"p{mode}"
+    for mode, exp in exps.items():  # the report lists every configuration, with its own id
         with open(exp / "summary.csv") as f:
             listed = {r["trial_id"] for r in csv.DictReader(f)}
         with open(exp / "results.csv") as f:
@@ -201,3 +216,35 @@ def test_packed_grid_gives_every_configuration_the_same_results_and_files(tmp_pa
         assert all(t in text for t in listed)
         best = yaml.safe_load((exp / "best_config.yaml").read_text())
         assert json.dumps(best, sort_keys=True) in runs[mode]
+
+
+@pytest.mark.slow
+def test_a_crashed_pack_resumes_and_a_diverged_member_errors_alone(tmp_path):
+    # One pack of 3 learning rates (1e6 makes the loss NaN at epoch 2). Its process dies after
+    # epoch 1, before any checkpoint (every 2 epochs): the retry replays epoch 1, which each
+    # configuration logs once; the diverged configuration ends ERROR, the others train on.
+    space = tmp_path / "lr.yaml"
+    space.write_text(yaml.safe_dump({**TINY_GRID, "base": {**TINY_BASE, "epochs": 3},
+                                     "experiments": {"lr": {"sweep": {
+                                         "lr_encoder": [0.001, 0.002, 1e6]}}}}))
+    runs = {}
+    for name, pack, env in (("packed", "3", {"POH_TUNE_CRASH_AFTER_EPOCH": "1"}),
+                            ("alone", "off", {})):
+        p = subprocess.run([sys.executable, "-m", "poh_tune.launch", "grid", str(space),
+                            "--pack", pack, "--checkpoint-every", "2", "--storage",
+                            str(tmp_path), "--name", name, "--num-cpus", "2", "--no-report"],
+                           capture_output=True, text=True, timeout=600,
+                           env={**os.environ, **env})
+        assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]  # 1: a trial errored
+        runs[name] = {float(r["row"]["config.lr_encoder"]): r
+                      for r in _by_config(tmp_path / name).values()}
+    packed, alone = runs["packed"], runs["alone"]
+    assert list((tmp_path / "packed").glob("*/.crashed")), "the fault was not injected"
+    assert len({r["row"]["pack_id"] for r in packed.values()}) == 1
+    bad = packed[1e6]["row"]
+    assert bad["status"] == "ERROR" and bad["error"] == alone[1e6]["row"]["error"]
+    assert "seed 1, epoch 2: training loss is nan" in bad["error"]
+    assert [m["epoch"] for m in packed[1e6]["metrics"]] == [1]
+    for lr in (0.001, 0.002):
+        assert packed[lr]["row"]["status"] == "TERMINATED" and packed[lr]["row"]["error"] == ""
+        _same_metrics(alone[lr], packed[lr])
