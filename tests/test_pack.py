@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -172,19 +173,26 @@ def _same_metrics(a: dict, b: dict) -> None:
 @pytest.mark.slow
 def test_packed_grid_gives_every_configuration_the_same_results_and_files(tmp_path,
                                                                           unpacked_run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     p = _launch("grid", "--smoke", "--pack", "11", "--storage", str(tmp_path), "--name", "p11",
                 "--num-cpus", "2")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    runs = {"11": _by_config(tmp_path / "p11"), "off": _by_config(unpacked_run)}
-    exps = {"11": tmp_path / "p11", "off": unpacked_run}
+    check_same_results_and_files(tmp_path / "p11", unpacked_run)
+
+
+def check_same_results_and_files(packed_exp: Path, unpacked_exp: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = {"11": _by_config(packed_exp), "off": _by_config(unpacked_exp)}
+    exps = {"11": packed_exp, "off": unpacked_exp}
     packed, alone = runs["11"], runs["off"]
     assert len(alone) == 11 and set(packed) == set(alone)
     ids = {r["row"]["trial_id"] for r in packed.values()}
     assert len(ids) == 11
-    pack_ids = {r["row"]["pack_id"] for r in packed.values()}
-    assert len(pack_ids) == 5  # 5 Tune trials: one pack of 7, four configurations alone
+    # 5 Tune trials: one pack of 7 (its rows name it in pack_id), four configurations alone
+    # (ordinary trials: no pack_id)
+    assert len({r["row"]["pack_id"] or r["row"]["trial_id"] for r in packed.values()}) == 5
+    assert sorted(Counter(r["row"]["pack_id"] for r in packed.values()).values()) == [4, 7]
+    assert not any(r["row"]["pack_id"] for r in alone.values())
     for key, a in alone.items():
         b = packed[key]
         assert b["spec"]["experiments"] == a["spec"]["experiments"]
