@@ -256,3 +256,15 @@ def test_a_crashed_pack_resumes_and_a_diverged_member_errors_alone(tmp_path):
     for lr in (0.001, 0.002):
         assert packed[lr]["row"]["status"] == "TERMINATED" and packed[lr]["row"]["error"] == ""
         _same_metrics(alone[lr], packed[lr])
+
+
+def test_lost_pack_folders_are_retired(tmp_path):
+    from poh_tune.launch import LOST_TRIAL_FILE, TRIAL_FILE, retire_lost_trials
+
+    for folder in ("kept/c0", "kept/c1", "lost/c0", "lost/c1"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / TRIAL_FILE).write_text("config: {}\n")
+    rows = [{"trial_dir": str(tmp_path / "kept" / c)} for c in ("c0", "c1")]
+    assert retire_lost_trials(tmp_path, rows) == 2
+    assert all((tmp_path / "kept" / c / TRIAL_FILE).exists() for c in ("c0", "c1"))
+    assert all((tmp_path / "lost" / c / LOST_TRIAL_FILE).exists() for c in ("c0", "c1"))
