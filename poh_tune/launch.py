@@ -430,13 +430,14 @@ def collect(results, epochs_of: dict[str, int]) -> list[dict[str, Any]]:
 
 def _row(folder: Path, fallback_id: str, error: str | None, epochs_of: dict[str, int],
          pack_id: str = "") -> dict[str, Any]:
-    """One configuration's results.csv row; `error`: its trial's (a pack's: every member's)."""
+    """One configuration's results.csv row; `error`: its trial's (a pack's: every member's,
+    unless the member diverged: then its own message)."""
     info = yaml.safe_load((folder / TRIAL_FILE).read_text()) if (
         folder / TRIAL_FILE).exists() else {}
     cfg = info.get("config") or {}
     trial_id = info.get("trial_id") or fallback_id
     diverged = folder / ".diverged"  # = poh_tune.trainable.DIVERGED_FILE (a pack's member)
-    if error is None and pack_id and diverged.is_file():
+    if pack_id and diverged.is_file():  # its own divergence, also when the whole pack ended
         error = diverged.read_text().strip().splitlines()[-1][:500]
     hist = read_metrics(folder / METRICS_FILE)
     last = hist[-1] if hist else {}
