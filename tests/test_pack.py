@@ -268,3 +268,54 @@ def test_lost_pack_folders_are_retired(tmp_path):
     assert retire_lost_trials(tmp_path, rows) == 2
     assert all((tmp_path / "kept" / c / TRIAL_FILE).exists() for c in ("c0", "c1"))
     assert all((tmp_path / "lost" / c / LOST_TRIAL_FILE).exists() for c in ("c0", "c1"))
+
+
+@pytest.mark.slow
+def test_driver_killed_then_resumed_with_packs(tmp_path):
+    """SIGKILL the driver while the second of two packs trains; --resume completes both, every
+    configuration's epochs logged once, with the results of an unpacked run."""
+    import signal
+    import time
+
+    space = tmp_path / "lr.yaml"
+    lrs = [0.001, 0.002, 0.003, 0.004]
+    space.write_text(yaml.safe_dump({**TINY_GRID, "base": {**TINY_BASE, "epochs": 8},
+                                     "experiments": {"lr": {"sweep": {"lr_encoder": lrs}}}}))
+    common = ["--storage", str(tmp_path), "--num-cpus", "2", "--no-report"]
+    proc = subprocess.Popen([sys.executable, "-m", "poh_tune.launch", "grid", str(space),
+                             "--pack", "2", "--max-concurrent", "1", "--name", "r", *common],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    exp = tmp_path / "r"
+    finished: dict[Path, bytes] = {}
+    started = False
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            files = {f: f.read_bytes() for f in exp.glob("train_pack_*/c*/metrics.jsonl")}
+            finished = {f: d for f, d in files.items() if d.count(b"\n") == 8}
+            started = any(0 < d.count(b"\n") < 8 for d in files.values())
+            if len(finished) >= 2 and started:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        proc.wait()
+    assert len(finished) >= 2, "the run ended before it could be killed"
+    assert not (exp / "results.csv").exists()
+    p = _launch("grid", "--resume", "--name", "r", *common)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = _launch("grid", str(space), "--pack", "off", "--name", "alone", *common)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    resumed, alone = _by_config(exp), _by_config(tmp_path / "alone")
+    assert set(resumed) == set(alone) and len(resumed) == 4
+    assert len({r["row"]["pack_id"] for r in resumed.values()}) == 2
+    for key, b in resumed.items():
+        assert b["row"]["status"] == "TERMINATED"
+        assert [m["epoch"] for m in b["metrics"]] == list(range(1, 9))
+        for ma, mb in zip(alone[key]["metrics"], b["metrics"], strict=True):
+            for k in ma:
+                if k not in ("epoch_s", "trial_id"):
+                    assert _close(ma[k], mb[k]), (k, ma[k], mb[k])
+    for f, data in finished.items():  # the finished pack was not rerun
+        assert f.read_bytes() == data
