@@ -438,7 +438,9 @@ def _row(folder: Path, fallback_id: str, error: str | None, epochs_of: dict[str,
     trial_id = info.get("trial_id") or fallback_id
     diverged = folder / ".diverged"  # = poh_tune.trainable.DIVERGED_FILE (a pack's member)
     if pack_id and diverged.is_file():  # its own divergence, also when the whole pack ended
-        error = diverged.read_text().strip().splitlines()[-1][:500]
+        # Worded as Ray words a single diverged trial's error (the exception's last line).
+        error = ("poh_tune.trainer.TrainingDiverged: "
+                 + diverged.read_text().strip().splitlines()[-1])[:500]
     hist = read_metrics(folder / METRICS_FILE)
     last = hist[-1] if hist else {}
     done = int(last.get("epoch", 0))
