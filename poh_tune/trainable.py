@@ -1,4 +1,4 @@
-"""The Ray Tune function trainables: one configuration (or a pack of them) trained on its seeds, reported every epoch."""
+"""The Ray Tune function trainables: one configuration, or a pack of them, trained on its seeds."""
 
 from __future__ import annotations
 
