@@ -205,7 +205,7 @@ def parse_pack(value: str) -> str | int:
 
 def grid_param_space(space: Space, launch: dict[str, Any]
                      ) -> tuple[dict[str, Any], list[dict[str, Any]] | None, int]:
-    """A grid's Tune param_space, the points to evaluate, and the number of trials.
+    """A grid's Tune param_space, the points to evaluate, and Tune's num_samples.
 
     Unpacked: one trial per configuration (its swept params, as preset points). Packed: a grid
     search over packs, each trial's config {"pack": [params, ...]} (spaces.pack_variants);
