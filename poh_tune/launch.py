@@ -21,7 +21,14 @@ import yaml
 
 from poh_tune.config import ConfigError, TrialConfig, from_dict, parse_overrides, read_yaml
 from poh_tune.io import atomic_write_text, read_metrics
-from poh_tune.spaces import Space, canonical, grid_variants, load_space, resolve_space_path
+from poh_tune.spaces import (
+    Space,
+    canonical,
+    grid_variants,
+    load_space,
+    pack_variants,
+    resolve_space_path,
+)
 
 EXPERIMENT_FILE = "poh_experiment.yaml"
 METRICS_FILE = "metrics.jsonl"  # = poh_tune.trainable.METRICS_FILE (not imported: no ray/torch
@@ -34,6 +41,10 @@ FINAL_KEYS = ("tau", "tau_all", "tau_ci95", "accuracy", "perfect_sort", "train_l
               "herfindahl", "max_alpha", "routing_healthy")
 BEST_KEYS = ("best_tau", "best_epoch", "test_tau", "test_tau_ci95", "test_tau_all",
              "test_accuracy", "test_perfect_sort")
+# --pack auto without GPUs: configurations per pack (1 = off). On CPU a pack trains no faster
+# than its configurations one after the other (README "Packing": measured), and separate
+# trials spread over the CPUs; see docs/pack_measure.py.
+CPU_DEFAULT_PACK = 1
 
 
 class UsageError(Exception):
@@ -86,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--reuse-actors", action="store_true",
                        help="keep trial processes for the next trial: many short trials start "
                             "several times faster (each new process imports torch)")
+        s.add_argument("--pack", default="auto", metavar="auto|off|N",
+                       help="train up to N grid configurations that share tensor shapes as one "
+                            "trial (one ensemble); each keeps its own results row and files. "
+                            "auto: all that share shapes when trials have GPUs, off on CPU "
+                            "(default auto; never packed with --scheduler asha or optuna)")
         s.add_argument("--max-failures", type=int, default=2,
                        help="retries of a trial whose process dies (from its last checkpoint)")
         s.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -174,10 +190,48 @@ def resolve(args: argparse.Namespace) -> tuple[Space, Path, dict[str, Any]]:
     }
     if launch["num_samples"] < 1:
         raise UsageError(f"--num-samples={launch['num_samples']}: must be >= 1")
+    pack = parse_pack(args.pack)
     if args.command == "grid":
-        grid_variants(space, launch["experiment_names"])  # unknown experiment names fail here
+        variants, _ = grid_variants(space, launch["experiment_names"])  # unknown names fail here
+    if args.command == "optuna" or launch["scheduler"] == "asha":
+        if isinstance(pack, int) and pack > 1:
+            who = ("launch optuna: the searcher" if args.command == "optuna"
+                   else "--scheduler asha: ASHA")
+            raise UsageError(f"--pack {args.pack}: {who} decides per configuration, so its "
+                             f"trials are never packed; use --pack off")
+        pack = 1
+    elif pack == "auto":
+        pack = len(variants) if gpu > 0 else CPU_DEFAULT_PACK
+    launch["pack"] = pack
     check_storage(storage, args.storage)
     return space, exp_dir, launch
+
+
+def parse_pack(value: str) -> str | int:
+    """--pack: "auto", or the most configurations per trial (off = 1)."""
+    if value in ("auto", "off"):
+        return 1 if value == "off" else value
+    if not value.isdigit() or int(value) < 1:
+        raise UsageError(f"--pack={value!r}: expected auto, off or an integer >= 1")
+    return int(value)
+
+
+def grid_param_space(space: Space, launch: dict[str, Any]
+                     ) -> tuple[dict[str, Any], list[dict[str, Any]] | None, int]:
+    """A grid's Tune param_space, the points to evaluate, and Tune's num_samples.
+
+    Unpacked: one trial per configuration (its swept params, as preset points). Packed: a grid
+    search over packs, each trial's config {"pack": [params, ...]} (spaces.pack_variants);
+    packs cannot be preset points, which Tune assigns leaf by leaf onto the first point's shape.
+    """
+    from ray import tune
+
+    variants, _ = grid_variants(space, launch["experiment_names"])
+    size = int(launch.get("pack", 1))
+    if size <= 1:
+        return dict(variants[0]), variants, len(variants)
+    packs = [[variants[i] for i in p] for p in pack_variants(space.base, variants, size)]
+    return {"pack": tune.grid_search(packs)}, None, 1
 
 
 def hparam_domains(command: str, space: Space, launch: dict[str, Any]
@@ -359,10 +413,15 @@ def check_trial_fits(cpu: float, gpu: float, embedded: bool) -> None:
 def make_trainable(space: Space, launch: dict[str, Any], membership: dict[str, list[str]]):
     from ray import tune
 
-    from poh_tune.trainable import train_trial
+    from poh_tune.trainable import train_pack, train_trial
 
-    fn = tune.with_parameters(train_trial, base=space.base.to_dict(), membership=membership,
-                              checkpoint_every=launch["checkpoint_every"])
+    if int(launch.get("pack", 1)) > 1:
+        fn = tune.with_parameters(train_pack, base=space.base.to_dict(), membership=membership,
+                                  checkpoint_every=launch["checkpoint_every"],
+                                  metric=space.metric, mode=space.metric_mode)
+    else:
+        fn = tune.with_parameters(train_trial, base=space.base.to_dict(), membership=membership,
+                                  checkpoint_every=launch["checkpoint_every"])
     return tune.with_resources(fn, {"cpu": launch["cpu"], "gpu": launch["gpu"]})
 
 
@@ -385,10 +444,9 @@ def make_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
         scheduler = FIFOScheduler()
     max_conc = launch["max_concurrent"]
     if command == "grid":
-        variants, _ = grid_variants(space, launch["experiment_names"])
-        param_space = dict(variants[0])
-        search_alg = BasicVariantGenerator(points_to_evaluate=variants, max_concurrent=max_conc)
-        num_samples = len(variants)
+        param_space, points, num_samples = grid_param_space(space, launch)
+        search_alg = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_conc)
+        n_trials = num_samples if points is not None else len(param_space["pack"]["grid_search"])
     else:
         from optuna.samplers import TPESampler
 
@@ -400,10 +458,10 @@ def make_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
             storage=study_storage(exp_dir), epochs=epochs)
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=max_conc or 2)
         param_space = {}
-        num_samples = launch["num_samples"]
+        num_samples = n_trials = launch["num_samples"]
     from poh_tune.progress import ProgressLine
 
-    reporter = ProgressLine(exp_dir, num_samples, epochs,
+    reporter = ProgressLine(exp_dir, n_trials, epochs,
                             every_s=float(launch.get("progress_every", 30.0)), metric=space.metric,
                             mode=space.metric_mode, asha=launch["scheduler"] == "asha")
     run_config = tune.RunConfig(
@@ -433,31 +491,56 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
 
 
 def collect(results, epochs_of: dict[str, int]) -> list[dict[str, Any]]:
-    """One row per trial from Tune's ResultGrid and each trial's own metrics.jsonl."""
+    """One row per configuration from Tune's ResultGrid and each configuration's own files.
+
+    A trial is one configuration (its folder is the trial's) or a pack of them (its k-th
+    configuration's folder is <trial folder>/c<k>/, trial_id <pack id>_c<k>).
+    """
     rows = []
     for order, r in enumerate(results):  # Tune's trials in the order it created them
         trial_dir = Path(r.path)
-        info = yaml.safe_load((trial_dir / TRIAL_FILE).read_text()) if (
-            trial_dir / TRIAL_FILE).exists() else {}
-        cfg = info.get("config") or {}
-        trial_id = info.get("trial_id") or (r.metrics or {}).get("trial_id") or trial_dir.name
-        hist = read_metrics(trial_dir / METRICS_FILE)
-        last = hist[-1] if hist else {}
-        done = int(last.get("epoch", 0))
-        epochs = int(cfg.get("epochs", epochs_of.get(trial_id, 0)) or 0)
         error = None if r.error is None else str(r.error).strip().splitlines()[-1][:500]
-        row: dict[str, Any] = {
-            "trial_id": trial_id, "trial_order": order,
-            "status": "ERROR" if error else "TERMINATED",
-            "experiments": ";".join(info.get("experiments") or []),
-            "epochs_done": done, "stopped_early": error is None and done < epochs,
-            "error": error or "", "trial_dir": str(trial_dir)}
-        row.update({f"config.{k}": (v if not isinstance(v, list) else " ".join(map(str, v)))
-                    for k, v in cfg.items()})
-        row.update({f"final_{k}": last.get(k, "") for k in FINAL_KEYS})
-        row.update({k: last.get(k, "") for k in BEST_KEYS})
-        rows.append(row)
+        pack = (r.config or {}).get("pack")
+        tune_id = (r.metrics or {}).get("trial_id") or trial_dir.name
+        if isinstance(pack, list) and len(pack) > 1:
+            for k in range(len(pack)):
+                folder = trial_dir / f"c{k}"  # = poh_tune.trainable.config_folder(k)
+                rows.append(_row(folder, f"{tune_id}_c{k}", error, epochs_of, order,
+                                 tune_id))
+        else:
+            rows.append(_row(trial_dir, tune_id, error, epochs_of, order))
     return sorted(rows, key=lambda x: x["trial_id"])
+
+
+def _row(folder: Path, fallback_id: str, error: str | None, epochs_of: dict[str, int],
+         order: int, pack_id: str = "") -> dict[str, Any]:
+    """One configuration's results.csv row; `error`: its trial's (a pack's: every member's,
+    unless the member diverged: then its own message); `order`: its Tune trial's place in
+    Tune's creation order (a pack's members share it)."""
+    info = yaml.safe_load((folder / TRIAL_FILE).read_text()) if (
+        folder / TRIAL_FILE).exists() else {}
+    cfg = info.get("config") or {}
+    trial_id = info.get("trial_id") or fallback_id
+    diverged = folder / ".diverged"  # = poh_tune.trainable.DIVERGED_FILE (a pack's member)
+    if pack_id and diverged.is_file():  # its own divergence, also when the whole pack ended
+        # Worded as Ray words a single diverged trial's error (the exception's last line).
+        error = ("poh_tune.trainer.TrainingDiverged: "
+                 + diverged.read_text().strip().splitlines()[-1])[:500]
+    hist = read_metrics(folder / METRICS_FILE)
+    last = hist[-1] if hist else {}
+    done = int(last.get("epoch", 0))
+    epochs = int(cfg.get("epochs", epochs_of.get(trial_id, 0)) or 0)
+    row: dict[str, Any] = {
+        "trial_id": trial_id, "pack_id": info.get("pack_id", pack_id), "trial_order": order,
+        "status": "ERROR" if error else "TERMINATED",
+        "experiments": ";".join(info.get("experiments") or []),
+        "epochs_done": done, "stopped_early": error is None and done < epochs,
+        "error": error or "", "trial_dir": str(folder)}
+    row.update({f"config.{k}": (v if not isinstance(v, list) else " ".join(map(str, v)))
+                for k, v in cfg.items()})
+    row.update({f"final_{k}": last.get(k, "") for k in FINAL_KEYS})
+    row.update({k: last.get(k, "") for k in BEST_KEYS})
+    return row
 
 
 def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
@@ -485,6 +568,11 @@ def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, An
 
 
 def config_of(row: dict[str, Any]) -> TrialConfig:
+    """A row's configuration: its poh_trial.yaml's, else parsed from its config columns."""
+    spec = Path(row.get("trial_dir", "")) / TRIAL_FILE
+    info = read_yaml(spec) if row.get("trial_dir") and spec.is_file() else None
+    if isinstance(info, dict) and isinstance(info.get("config"), dict):
+        return from_dict(info["config"])
     d = {k[len("config."):]: v for k, v in row.items() if k.startswith("config.")}
     d["seeds"] = [int(s) for s in str(d["seeds"]).split()]
     return from_dict(d)
@@ -502,7 +590,8 @@ def retire_lost_trials(exp_dir: Path, rows: list[dict[str, Any]]) -> int:
     """
     known = {Path(r["trial_dir"]).resolve() for r in rows}
     n = 0
-    for f in exp_dir.glob(f"*/{TRIAL_FILE}"):
+    specs = [*exp_dir.glob(f"*/{TRIAL_FILE}"), *exp_dir.glob(f"*/c*/{TRIAL_FILE}")]  # packs
+    for f in specs:
         if f.parent.resolve() not in known:
             os.replace(f, f.parent / LOST_TRIAL_FILE)
             n += 1
@@ -618,7 +707,9 @@ def run(args: argparse.Namespace) -> int:
         # tuner.pkl does not keep the param space: a run killed before Tune's first experiment
         # snapshot restores a fresh variant generator that needs it (KeyError otherwise).
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
-                                   resume_errored=True, param_space=dict(variants[0]))
+                                   resume_errored=True,
+                                   param_space=grid_param_space(space, launch)[0]
+                                   if args.command == "grid" else {})
     else:
         exp_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(exp_dir / EXPERIMENT_FILE,
@@ -690,14 +781,18 @@ def report_interrupted(results, expected: int, epochs: int, resume_line: str) ->
     finished = partial = 0
     for r in results:
         trial_dir = Path(r.path)
-        info = yaml.safe_load((trial_dir / TRIAL_FILE).read_text()) if (
-            trial_dir / TRIAL_FILE).exists() else {}
-        want = int(((info or {}).get("config") or {}).get("epochs", epochs))
-        done = len(read_metrics(trial_dir / METRICS_FILE))
-        if r.error is not None or done >= want:
-            finished += 1
-        elif done > 0:
-            partial += 1
+        pack = (r.config or {}).get("pack")
+        folders = ([trial_dir / f"c{k}" for k in range(len(pack))]  # a pack's configurations
+                   if isinstance(pack, list) and len(pack) > 1 else [trial_dir])
+        for folder in folders:
+            info = yaml.safe_load((folder / TRIAL_FILE).read_text()) if (
+                folder / TRIAL_FILE).exists() else {}
+            want = int(((info or {}).get("config") or {}).get("epochs", epochs))
+            done = len(read_metrics(folder / METRICS_FILE))
+            if r.error is not None or done >= want:
+                finished += 1
+            elif done > 0:
+                partial += 1
     not_started = max(0, expected - finished - partial)
     print(f"\ninterrupted: {finished} of {expected} trials finished, {partial} interrupted, "
           f"{not_started} not started; results.csv, best_config.yaml and the report were not "

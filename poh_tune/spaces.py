@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from poh_tune.config import ConfigError, TrialConfig, from_dict, read_yaml, suggest
+from poh_tune.config import ConfigError, TrialConfig, from_dict, pack_key, read_yaml, suggest
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
@@ -263,6 +263,29 @@ def grid_variants(space: Space, names: list[str] | None = None
             if e.name not in membership[key]:
                 membership[key].append(e.name)
     return variants, membership
+
+
+def pack_variants(base: TrialConfig, variants: list[dict[str, Any]], size: int
+                  ) -> list[list[int]]:
+    """Group a grid's configurations into packs that can train as one ensemble.
+
+    Args:
+        base: the base config the variants' params apply to.
+        variants: the grid's swept params, one dict per configuration (grid_variants).
+        size: the most configurations in one pack (1: every configuration alone).
+    Returns:
+        Packs of indices into `variants`: configurations with equal config.pack_key, in
+        first-seen order, cut into chunks of at most `size`; packs ordered by their first member.
+    """
+    if size < 1:
+        raise ValueError(f"pack size {size}: must be >= 1")
+    groups: dict[tuple, list[list[int]]] = {}
+    for i, params in enumerate(variants):
+        chunks = groups.setdefault(pack_key(base.replace(**params)), [])
+        if not chunks or len(chunks[-1]) >= size:
+            chunks.append([])
+        chunks[-1].append(i)
+    return sorted((c for chunks in groups.values() for c in chunks), key=lambda c: c[0])
 
 
 def resolve_space_path(arg: str | None, default_name: str, next_arg: str | None = None) -> Path:

@@ -1,9 +1,10 @@
-"""The Ray Tune function trainable: one configuration trained on its seeds, reported every epoch."""
+"""The Ray Tune function trainables: one configuration, or a pack of them, trained on its seeds."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 import time
@@ -14,7 +15,7 @@ import ray
 import torch
 from ray import tune
 
-from poh_tune.config import from_dict
+from poh_tune.config import TrialConfig, from_dict
 from poh_tune.io import atomic_write_bytes, atomic_write_text, read_metrics
 from poh_tune.spaces import canonical
 from poh_tune.tblog import tb_scalars, write_session_start
@@ -94,6 +95,47 @@ def cpu_share() -> int:
     return max(1, int(cpus))
 
 
+class TrialFiles:
+    """One configuration's own files: poh_trial.yaml, metrics.jsonl and its TensorBoard run.
+
+    Used by a single-configuration trial (its Tune trial folder) and by each configuration of a
+    pack (a sub-folder of the pack's trial folder), so both write the same files.
+    """
+
+    def __init__(self, folder: Path, cfg: TrialConfig, trial_id: str, experiments: list[str],
+                 extra: dict[str, Any] | None = None):
+        from tensorboardX import SummaryWriter
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.cfg, self.trial_id = folder, cfg, trial_id
+        trial_file = folder / TRIAL_FILE
+        if not trial_file.exists():
+            import yaml
+
+            atomic_write_text(trial_file, yaml.safe_dump(
+                {"config": cfg.to_dict(), "experiments": list(experiments),
+                 "trial_id": trial_id, **(extra or {})}, sort_keys=False))
+        self.metrics_file = folder / METRICS_FILE
+        self.logged = last_logged_epoch(self.metrics_file)
+        self.writer = SummaryWriter(str(folder / TB_DIR), flush_secs=5)
+        if self.logged == 0:
+            write_session_start(self.writer, cfg.to_dict(), trial_id)
+
+    def log(self, m: dict[str, Any]) -> None:
+        """Append one epoch's record; an epoch replayed after a restore is logged once."""
+        epoch = int(m["epoch"])
+        if epoch <= self.logged:
+            return
+        _append_jsonl(self.metrics_file, {**m, "trial_id": self.trial_id})
+        for tag, v in tb_scalars(m, self.cfg.max_inner_iters).items():
+            self.writer.add_scalar(tag, v, epoch)
+        self.writer.flush()
+        self.logged = epoch
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def train_trial(config: dict[str, Any], base: dict[str, Any],
                 membership: dict[str, list[str]] | None = None,
                 checkpoint_every: int = 1) -> None:
@@ -126,19 +168,8 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
         with ckpt.as_directory() as d:
             runner.load(Path(d) / CKPT_FILE)
 
-    trial_file = trial_dir / TRIAL_FILE
-    if not trial_file.exists():
-        import yaml
-
-        experiments = (membership or {}).get(canonical(dict(config)), [])
-        atomic_write_text(trial_file, yaml.safe_dump(
-            {"config": cfg.to_dict(), "experiments": experiments, "trial_id": trial_id},
-            sort_keys=False))
-
-    from tensorboardX import SummaryWriter
-
-    metrics_file = trial_dir / METRICS_FILE
-    logged = last_logged_epoch(metrics_file)
+    files = TrialFiles(trial_dir, cfg, trial_id,
+                       (membership or {}).get(canonical(dict(config)), []))
     node_id = ray.get_runtime_context().get_node_id()
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
     crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
@@ -152,12 +183,10 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
     if runner.done:
         # Finished before a driver kill that Tune's snapshot predates: Tune still waits for a
         # result, so the last epoch's row is reported once more (it is not logged again).
-        rows = read_metrics(metrics_file)
+        files.close()
+        rows = read_metrics(files.metrics_file)
         tune.report({**(rows[-1] if rows else {"epoch": runner.epoch}), **extra()})
         return
-    writer = SummaryWriter(str(trial_dir / TB_DIR), flush_secs=5)
-    if logged == 0:
-        write_session_start(writer, cfg.to_dict(), trial_id)
     try:
         while not runner.done:
             try:
@@ -166,12 +195,7 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
                 atomic_write_text(diverged, f"{e}\n")
                 raise
             epoch = int(m["epoch"])
-            if epoch > logged:  # each epoch logged once, even when replayed after a restore
-                _append_jsonl(metrics_file, {**m, "trial_id": trial_id})
-                for tag, v in tb_scalars(m, cfg.max_inner_iters).items():
-                    writer.add_scalar(tag, v, epoch)
-                writer.flush()
-                logged = epoch
+            files.log(m)
             report = {**m, **extra()}
             if epoch % checkpoint_every == 0 or runner.done:
                 save_state(runner, state_file)
@@ -190,4 +214,115 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
                 marker.touch()
                 os._exit(1)
     finally:
-        writer.close()
+        files.close()
+
+
+def _score(v: Any, mode: str) -> float:
+    """A metric value to rank by; a missing or non-finite one ranks last."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return float(v) if ok else (-math.inf if mode == "max" else math.inf)
+
+
+def config_folder(k: int) -> str:
+    """The sub-folder of a pack's trial folder that holds its k-th configuration's files."""
+    return f"c{k}"
+
+
+def train_pack(config: dict[str, Any], base: dict[str, Any],
+               membership: dict[str, list[str]] | None = None, checkpoint_every: int = 1,
+               metric: str = "tau", mode: str = "max") -> None:
+    """Tune function trainable for a pack: several configurations trained as one ensemble.
+
+    Each configuration writes the files of a single-configuration trial to its own folder
+    `<trial folder>/c<k>/`, with trial_id `<pack trial id>_c<k>`. Tune gets one result per epoch:
+    the record of the pack's best configuration by `metric` (pack_best names it) and every
+    configuration's `c<k>_<metric>`; schedulers that decide per configuration are not used.
+
+    Args:
+        config: {"pack": [the swept params of each configuration]}; a pack of one trains as an
+            ordinary trial (train_trial, the same files).
+        base, membership, checkpoint_every: as train_trial.
+        metric, mode: the search metric, to choose the configuration whose record Tune gets.
+    """
+    params = list(config["pack"])
+    if len(params) == 1:
+        return train_trial(params[0], base, membership, checkpoint_every)
+    started_at = time.time()
+    cfgs = [from_dict({**base, **p}) for p in params]
+    threads = cpu_share()
+    torch.set_num_threads(threads)
+    pack_id = tune.get_context().get_trial_id()
+    pack_dir, durable = trial_storage_dir()
+    pack_dir.mkdir(parents=True, exist_ok=True)
+    diverged = pack_dir / DIVERGED_FILE
+    if diverged.exists():  # every configuration diverged: a retry would diverge again
+        raise TrainingDiverged(diverged.read_text().strip())
+    runner = TrialRunner(cfgs, device=select_device())
+    state_file = pack_dir / STATE_FILE
+    ckpt = tune.get_checkpoint()
+    if durable and state_file.exists():  # never older than a Tune checkpoint (train_trial)
+        runner.load(state_file)
+    elif ckpt is not None:
+        with ckpt.as_directory() as d:
+            runner.load(Path(d) / CKPT_FILE)
+    files = [TrialFiles(pack_dir / config_folder(k), c, f"{pack_id}_c{k}",
+                        (membership or {}).get(canonical(dict(p)), []),
+                        extra={"pack_id": pack_id, "pack_index": k})
+             for k, (c, p) in enumerate(zip(cfgs, params, strict=True))]
+    node_id = ray.get_runtime_context().get_node_id()
+    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+    pick = max if mode == "max" else min
+
+    def pack_report(records: list[dict[str, Any]]) -> dict[str, Any]:
+        live = [k for k in range(len(cfgs)) if k not in runner.diverged]
+        best = pick(live, key=lambda k: _score(records[k].get(metric), mode))
+        return {**records[best], "pack_best": best, "pack_size": len(cfgs),
+                "pack_diverged": len(runner.diverged),
+                **{f"c{k}_{metric}": records[k].get(metric) for k in range(len(cfgs))},
+                "node_id": node_id, "gpu_ids": ",".join(gpu_ids),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                "device": str(runner.device), "torch_threads": threads,
+                "started_at": started_at, "reported_at": time.time()}
+
+    if runner.done:  # finished before a driver kill (see train_trial): its last result, once
+        for f in files:
+            f.close()
+        last = [(read_metrics(f.metrics_file) or [{"epoch": runner.epoch}])[-1] for f in files]
+        tune.report(pack_report(last))
+        return
+    try:
+        while not runner.done:
+            records = runner.run_epoch_per_config()
+            epoch = int(records[0]["epoch"])
+            for k, m in enumerate(records):
+                if k in runner.diverged:  # its epochs end here, as a diverged trial's do
+                    marker = files[k].folder / DIVERGED_FILE
+                    if not marker.exists():
+                        atomic_write_text(marker, f"{runner.diverged[k]}\n")
+                else:
+                    files[k].log(m)
+            live = [k for k in range(len(cfgs)) if k not in runner.diverged]
+            if not live:
+                msg = "; ".join(f"configuration {k}: {runner.diverged[k]}"
+                                for k in range(len(cfgs)))
+                atomic_write_text(diverged, f"{msg}\n")
+                raise TrainingDiverged(msg)
+            report = pack_report(records)
+            if epoch % checkpoint_every == 0 or runner.done:
+                save_state(runner, state_file)
+            if durable:  # the state file is the checkpoint (train_trial says why)
+                tune.report(report)
+            elif epoch % checkpoint_every == 0 or runner.done:
+                with tempfile.TemporaryDirectory() as tmp:
+                    runner.save(Path(tmp) / CKPT_FILE)
+                    tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
+            else:
+                tune.report(report)
+            marker = pack_dir / ".crashed"
+            if crash_after and epoch == crash_after and not marker.exists():
+                marker.touch()
+                os._exit(1)
+    finally:
+        for f in files:
+            f.close()
