@@ -162,3 +162,13 @@ def test_device_bench_without_cuda_is_a_one_line_error(capsys):
     assert bench.main(["--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --device cuda: torch sees no CUDA device") and err.count("\n") == 1
+
+
+def test_spec_config_step_stays_within_half_the_old_aten_calls():
+    """Issue 11's budget: 8,145 aten calls per optimizer step before, at most half now (SPEC
+    PoH-HRM, one seed, batch 32, controller active; counts are exact for a torch version)."""
+    from poh_tune.config import TrialConfig
+
+    n = bench.aten_ops_per_step(TrialConfig(seeds=(1,), controller_warmup_epochs=0,
+                                            train_samples=64))
+    assert 2000 < n <= 8145 // 2
