@@ -51,7 +51,10 @@ def test_fractional_gpu_trials_spread_over_nodes(two_node_cluster, tmp_path):
         [sys.executable, "-m", "poh_tune.launch", "grid", "--smoke",
          "--experiment", "iterations", "--experiment", "hrm_period",
          "--address", two_node_cluster.address, "--gpus-per-trial", str(GPUS_PER_TRIAL),
-         "--cpus-per-trial", "1", "--storage", str(storage), "--name", "cluster", "--no-report"],
+         "--cpus-per-trial", "1", "--storage", str(storage), "--name", "cluster", "--no-report",
+         # one trial per configuration: this test is about placing many fractional-GPU trials
+         # (with GPUs, --pack auto would train the shareable configurations as one trial)
+         "--pack", "off"],
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
