@@ -27,6 +27,9 @@ LN_EPS = 1e-5  # nn.LayerNorm's default
 # `matmul_dtype`. Autocast does not reach inside custom Functions, so the casts are explicit here:
 # operands cast, products and every returned gradient in FP32 (softmax and norms in FP32 too).
 _MM_DTYPE: torch.dtype | None = None
+# Weights cast to _MM_DTYPE, once per forward pass: the PoH block's weights serve every
+# iteration. Keyed by id, holding the FP32 tensor too, so that no id is reused while cached.
+_CAST: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 @contextlib.contextmanager
@@ -38,6 +41,14 @@ def matmul_dtype(dtype: torch.dtype | None):
         yield
     finally:
         _MM_DTYPE = saved
+        _CAST.clear()
+
+
+def _cast_weight(w: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    hit = _CAST.get(id(w))
+    if hit is None or hit[0] is not w:
+        hit = _CAST[id(w)] = (w, w.to(dt))
+    return hit[1]
 
 
 def _split(S: int, device: torch.device, rows: int, d_in: int, d_out: int) -> int:
@@ -117,7 +128,7 @@ class _EnsembleLinear(torch.autograd.Function):
             # bmm then add_ is 4 aten calls; baddbmm with a broadcast bias is 6 (expand, copy).
             y = _bmm(x3, w, n).add_(b)
         else:
-            x3, w = x3.to(dt), w.to(dt)
+            x3, w = x3.to(dt), _cast_weight(w, dt)
             y = torch.add(_bmm(x3, w, n), b)  # bf16 + FP32 bias -> FP32 by type promotion
         if relu:
             y.clamp_min_(0)  # relu_ is two calls (relu_, clamp_min_)
