@@ -24,9 +24,10 @@ from poh_tune.trainer import TrialRunner
 PEAK_N = 2048
 
 
-def matmul_peak_gflops(n: int = PEAK_N, repeats: int = 5) -> float:
-    """Best-of-`repeats` FP32 throughput of an n x n matmul on the current torch threads."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gflops(n: int = PEAK_N, repeats: int = 5,
+                       dtype: torch.dtype = torch.float32) -> float:
+    """Best-of-`repeats` throughput of an n x n matmul in `dtype` on the current torch threads."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -34,6 +35,21 @@ def matmul_peak_gflops(n: int = PEAK_N, repeats: int = 5) -> float:
         a @ b
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has bf16 matrix units (Intel AMX: the amx_bf16 flag in /proc/cpuinfo).
+    Without them torch still runs bf16 matmuls, through slower AVX-512 or emulated paths."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def matmul_peaks() -> dict[str, float]:
+    """The FP32 and bf16 matmul peaks of this machine, GFLOP/s, keyed by precision."""
+    return {"fp32": matmul_peak_gflops(), "bf16": matmul_peak_gflops(dtype=torch.bfloat16)}
 
 
 def aten_ops_per_step(cfg, device: str = "cpu") -> int:
@@ -130,7 +146,7 @@ def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1,
     arithmetic as k seeds in the same number of steps, but in k times larger matmuls, the best
     that batching k seeds can hope for where the arithmetic is the limit. With
     `split_reference`, also k seeds with the CPU matmul split off (`poh_tune.ensemble._split`)."""
-    peak = matmul_peak_gflops()
+    peaks = matmul_peaks()
     runs = [Timed(cfg.replace(seeds=[cfg.seeds[0]]), "1 seed")]
     extra: dict[str, Timed] = {}
     if seeds > 1:
@@ -151,7 +167,10 @@ def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1,
         times = ", ".join(f"{r.name} {r.train_s[-1]:.2f} s" for r in runs if i >= warmup)
         print(f"bench: {what} done in {time.perf_counter() - t:.1f} s" + (f": {times}" if times
               else ""), file=sys.stderr, flush=True)
-    peak = max(peak, matmul_peak_gflops())  # the better of two reads, before and after
+    # the better of two reads, before and after; MFU against the peak of the precision used
+    peaks = {k: max(v, w) for (k, v), w in zip(peaks.items(), matmul_peaks().values(),
+                                                 strict=True)}
+    peak = peaks[cfg.precision]
     one = runs[0]
     res = {
         "train_epoch_s": round(one.best, 4),
@@ -160,7 +179,11 @@ def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1,
         "eval_fraction": round(min(one.eval_s) / one.best, 4),
         "model_gflop_per_epoch": round(one.gflop, 2),
         "achieved_gflops": round(one.gflop / one.best, 2),
+        "precision": cfg.precision,
         "peak_gflops": round(peak, 2),
+        "peak_gflops_fp32": round(peaks["fp32"], 2),
+        "peak_gflops_bf16": round(peaks["bf16"], 2),
+        "cpu_amx_bf16": cpu_has_amx(),
         "mfu": round(one.gflop / one.best / peak, 4),
         "aten_ops_per_step": aten_ops_per_step(one.cfg),
     }
@@ -196,7 +219,7 @@ def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1,
                     "model", "controller", "loss", "deep_supervision", "grad_mode",
                     "max_inner_iters", "hrm_period", "array_len", "mask_rate", "train_samples",
                     "dev_samples", "batch_size", "d_model", "n_heads", "d_ff", "d_ctrl",
-                    "diagnostics", "controller_warmup_epochs")}})
+                    "diagnostics", "controller_warmup_epochs", "precision")}})
     return res
 
 
@@ -264,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.precision == "bf16" and not cpu_has_amx():
+        print("bench: this CPU has no AMX (no amx_bf16 flag): bf16 matmuls run without matrix "
+              "units here, compare peak_gflops_bf16 with peak_gflops_fp32", file=sys.stderr)
     if args.seeds < 1 or args.epochs < 1 or args.warmup < 0:
         print(f"error: --seeds and --epochs must be >= 1 and --warmup >= 0; got --seeds "
               f"{args.seeds} --epochs {args.epochs} --warmup {args.warmup}", file=sys.stderr)

@@ -111,6 +111,8 @@ def bench_device(cfg: TrialConfig, device: str = "cuda", epochs: int = 3, seeds:
     res: dict[str, Any] = {"device": str(runners["eager"].device),
                            "device_name": (torch.cuda.get_device_name(device)
                                            if torch.device(device).type == "cuda" else "cpu"),
+                           # bf16 runs its matmuls on the tensor cores (no AMX question here)
+                           "precision": cfg.precision,
                            "configs": len(cfgs), "seeds": seeds, "members": len(cfgs) * seeds,
                            "steps_per_epoch": steps}
     for name in runners:

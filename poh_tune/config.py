@@ -40,6 +40,9 @@ class TrialConfig:
     controller: str = "hrm"  # "hrm": two-timescale recurrent router; "mlp": stateless router
     d_ctrl: int = 64  # controller width; as wide as the model would double an iteration's cost
     grad_mode: str = "full"  # "full": backprop through all iterations; "last": detach between them
+    # "bf16": matmuls and attention in bfloat16 (the bf16 matrix units: AMX, tensor cores), master
+    # weights, optimizer state, losses, softmax and norms in FP32. Not packable: shapes numerics.
+    precision: str = "fp32"
     # Training (SPEC "Training").
     loss: str = "ranknet"
     loss_pairs: str = "observed"  # "all" also trains on hidden positions (their ranks are known)
@@ -71,7 +74,7 @@ class TrialConfig:
     def model_part(self) -> dict[str, Any]:
         """The fields the model itself depends on (nothing about training)."""
         keys = ("array_len", "model", "d_model", "n_heads", "d_ff", "max_inner_iters",
-                "hrm_period", "controller", "d_ctrl", "grad_mode")
+                "hrm_period", "controller", "d_ctrl", "grad_mode", "precision")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -98,6 +101,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss_pairs": ("observed", "all"),
     "deep_supervision": ("none", "uniform", "linear"),
     "cuda_graphs": ("auto", "off"),
+    "precision": ("fp32", "bf16"),
 }
 
 # (low, high, low_inclusive, high_inclusive); None = unbounded.

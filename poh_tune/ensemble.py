@@ -10,6 +10,7 @@ views into a larger flat buffer: gradients are returned in the parameters' shape
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -20,6 +21,34 @@ import torch.nn as nn
 SPLIT_MIN_MACS = 1 << 21
 
 LN_EPS = 1e-5  # nn.LayerNorm's default
+
+# The dtype of the matmul operands (precision=bf16: torch.bfloat16), None for FP32. Read by every
+# Function's forward and kept on its ctx for the backward; set around a model's forward pass by
+# `matmul_dtype`. Autocast does not reach inside custom Functions, so the casts are explicit here:
+# operands cast, products and every returned gradient in FP32 (softmax and norms in FP32 too).
+_MM_DTYPE: torch.dtype | None = None
+# Weights cast to _MM_DTYPE, once per forward pass: the PoH block's weights serve every
+# iteration. Keyed by id, holding the FP32 tensor too, so that no id is reused while cached.
+_CAST: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+@contextlib.contextmanager
+def matmul_dtype(dtype: torch.dtype | None):
+    """Run the ensemble layers' matmuls in `dtype` (None: FP32, the layers' own path)."""
+    global _MM_DTYPE
+    saved, _MM_DTYPE = _MM_DTYPE, dtype
+    try:
+        yield
+    finally:
+        _MM_DTYPE = saved
+        _CAST.clear()
+
+
+def _cast_weight(w: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    hit = _CAST.get(id(w))
+    if hit is None or hit[0] is not w:
+        hit = _CAST[id(w)] = (w, w.to(dt))
+    return hit[1]
 
 
 def _split(S: int, device: torch.device, rows: int, d_in: int, d_out: int) -> int:
@@ -65,8 +94,8 @@ def _cols(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
     return _strided(t, (*t.shape[:2], b - a), t.stride(), a * t.stride(2))
 
 
-def _empty(t: torch.Tensor, *size: int) -> torch.Tensor:
-    return torch.empty(size, dtype=t.dtype, device=t.device)
+def _empty(t: torch.Tensor, *size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.empty(size, dtype=dtype or t.dtype, device=t.device)
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
@@ -94,8 +123,13 @@ class _EnsembleLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, n: int,
                 relu: bool) -> torch.Tensor:
         x3 = _rows(x)
-        # bmm then add_ is 4 aten calls; baddbmm with a broadcast bias is 6 (expand, copy).
-        y = _bmm(x3, w, n).add_(b)
+        dt = ctx.dt = _MM_DTYPE
+        if dt is None:
+            # bmm then add_ is 4 aten calls; baddbmm with a broadcast bias is 6 (expand, copy).
+            y = _bmm(x3, w, n).add_(b)
+        else:
+            x3, w = x3.to(dt), _cast_weight(w, dt)
+            y = torch.add(_bmm(x3, w, n), b)  # bf16 + FP32 bias -> FP32 by type promotion
         if relu:
             y.clamp_min_(0)  # relu_ is two calls (relu_, clamp_min_)
         ctx.save_for_backward(x3, w, y if relu else None)
@@ -110,12 +144,18 @@ class _EnsembleLinear(torch.autograd.Function):
         if y is not None:
             gy = torch.ops.aten.threshold_backward(gy, y, 0)
         gx = gw = gb = None
+        dt = ctx.dt
+        gy_mm = gy if dt is None else gy.to(dt)
         if ctx.needs_input_grad[0]:
-            gx = _bmm(gy, _mT(w), n)
+            gx = _bmm(gy_mm, _mT(w), n)
+            if dt is not None:
+                gx = gx.float()
             if len(ctx.x_shape) != 3:
                 gx = gx.view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            gw = _bmm(_mT(x), gy, n)
+            gw = _bmm(_mT(x), gy_mm, n)
+            if dt is not None:
+                gw = gw.float()
         if ctx.needs_input_grad[2]:
             gb = gy.sum(1, keepdim=True) if ctx.broadcast_b else gy
         return gx, gw, gb, None, None
@@ -246,14 +286,21 @@ class _RoutedAttentionCore(torch.autograd.Function):
         G = SB * H  # every (member, sample, head)
         if not qkv.is_contiguous():
             qkv = qkv.contiguous()
-        t = _empty(qkv, 3, G, L, hs)  # q, k, v with (member, sample, head) as the batch dim
+        dt = ctx.dt = _MM_DTYPE
+        # q, k, v with (member, sample, head) as the batch dim; in bf16 the copy is the cast
+        t = _empty(qkv, 3, G, L, hs, dtype=dt)
         t.view(3, SB, H, L, hs).copy_(_by_head(qkv, SB, L, H))
         q, k, v = _heads(t)
         # baddbmm with beta=0 ignores its input and scales in the matmul (a scalar mul_ is
         # five aten calls: the scalar becomes a tensor first).
         s = torch.baddbmm(_empty(t, G, L, L), q, _mT(k), beta=0, alpha=1 / math.sqrt(hs))
-        p = torch._softmax(s, -1, False)  # (G, L, L)
-        o = torch.bmm(p, v)  # (G, L, hs)
+        if dt is None:
+            p = torch._softmax(s, -1, False)  # (G, L, L)
+            o = torch.bmm(p, v)  # (G, L, hs)
+        else:
+            # the softmax in FP32 (CPU has no bf16 -> FP32 softmax kernel: cast first)
+            p = torch._softmax(s.float(), -1, False)
+            o = torch.bmm(p.to(dt), v)  # (G, L, hs) bf16; y below is FP32
         y = _empty(qkv, *qkv.shape[:-1], D)
         if alpha is None:
             y.view(SB, L, H, hs).copy_(_merged(o, SB, H))
@@ -273,7 +320,8 @@ class _RoutedAttentionCore(torch.autograd.Function):
             gy = gy.contiguous()
         gy_h = gy.view(SB, L, H, hs)
         g_alpha = None
-        go = _empty(gy, G, L, hs)
+        dt = ctx.dt
+        go = _empty(gy, G, L, hs, dtype=dt)  # in bf16 the copy / product below is the cast
         if alpha is None:
             _merged(go, SB, H).copy_(gy_h)
         else:
@@ -281,10 +329,15 @@ class _RoutedAttentionCore(torch.autograd.Function):
                 g_alpha = (gy_h * _merged(o, SB, H)).sum(-1).view(alpha.shape)
             torch.mul(gy_h, alpha.view(SB, L, H, 1), out=_merged(go, SB, H))
         q, k, v = _heads(t)
-        gt = _empty(gy, 3, G, L, hs)
+        gt = _empty(gy, 3, G, L, hs, dtype=dt)
         gq, gk, gv = _heads(gt)
-        torch.bmm(_mT(p), go, out=gv)
-        gs = torch._softmax_backward_data(torch.bmm(go, _mT(v)), p, -1, p.dtype)
+        if dt is None:
+            torch.bmm(_mT(p), go, out=gv)
+            gs = torch._softmax_backward_data(torch.bmm(go, _mT(v)), p, -1, p.dtype)
+        else:
+            torch.bmm(_mT(p.to(dt)), go, out=gv)
+            gs = torch._softmax_backward_data(torch.bmm(go, _mT(v)).float(), p, -1, p.dtype
+                                              ).to(dt)
         scale = 1 / math.sqrt(hs)
         torch.baddbmm(gq, gs, k, beta=0, alpha=scale, out=gq)
         torch.baddbmm(gk, _mT(gs), q, beta=0, alpha=scale, out=gk)

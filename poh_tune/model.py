@@ -20,8 +20,12 @@ from poh_tune.ensemble import (
     ELayerNorm,
     ELinear,
     ebaddmm,
+    matmul_dtype,
     routed_attention_core,
 )
+
+# precision -> the ensemble layers' matmul operand dtype (None: FP32 throughout)
+MATMUL_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -36,6 +40,7 @@ class ModelConfig:
     controller: str = "hrm"
     d_ctrl: int = 64
     grad_mode: str = "full"
+    precision: str = "fp32"  # "bf16": matmuls and attention in bfloat16, all else FP32
 
     @property
     def n_iters(self) -> int:
@@ -351,6 +356,16 @@ class PoHSorter(nn.Module):
                 keep_z_H: bool = False) -> ForwardOut:
         """x: (S, B, L) scaled values; obs: (S, B, L) bool; temperature: a float or (S,), one
         per member (configurations with different schedules train together)."""
+        dt = MATMUL_DTYPES[self.cfg.precision]
+        if dt is None:
+            return self._forward(x, obs, temperature, keep_hidden, keep_z_H)
+        # bf16 operands in every ensemble layer's matmuls, forward and backward (the backward
+        # reads the dtype its forward saw); parameters, gradients and outputs stay FP32.
+        with matmul_dtype(dt):
+            return self._forward(x, obs, temperature, keep_hidden, keep_z_H)
+
+    def _forward(self, x: torch.Tensor, obs: torch.Tensor, temperature: float | torch.Tensor,
+                 keep_hidden: bool, keep_z_H: bool) -> ForwardOut:
         S, B, L = x.shape
         z = self._encode_rows(x, obs)  # (S, B*L, d) token rows through the loop
         d = z.shape[-1]

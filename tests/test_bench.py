@@ -64,6 +64,17 @@ def test_one_seed_has_no_seed_keys(run_bench):
     assert "seeds" not in res and not any("seeds" in k for k in res)
     assert isinstance(res["aten_ops_per_step"], int) and res["aten_ops_per_step"] > 100
     assert 0 < res["eval_fraction"] < 10
+    # MFU against the FP32 peak by default; both peaks and the AMX flag are reported
+    assert res["precision"] == "fp32" and res["peak_gflops"] == res["peak_gflops_fp32"]
+    assert res["peak_gflops_bf16"] > 0 and isinstance(res["cpu_amx_bf16"], bool)
+
+
+def test_bf16_mfu_is_against_the_bf16_peak(run_bench):
+    rc, out, _ = run_bench("--epochs", "1", "--warmup", "0", "precision=bf16")
+    assert rc == 0
+    res = json.loads(out)
+    assert res["precision"] == "bf16" and res["config"]["precision"] == "bf16"
+    assert res["peak_gflops"] == res["peak_gflops_bf16"]
 
 
 def test_aten_ops_per_step_counts_the_step_the_profiler_sees(tiny_cfg):

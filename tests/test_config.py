@@ -41,6 +41,7 @@ def test_overrides_are_yaml_scalars(tmp_path):
     ({"hrm_period": 0}, ["hrm_period=0"]),
     ({"diagnostics": "yes"}, ["diagnostics", "true or false"]),
     ({"temperature_min": 3.0}, ["temperature_min=3.0", "temperature_init"]),
+    ({"precision": "fp16"}, ["precision='fp16'", "fp32", "bf16"]),
 ])
 def test_bad_values_name_key_value_and_allowed(d, words):
     with pytest.raises(ConfigError) as e:
@@ -76,3 +77,12 @@ def test_truncated_gradient_without_deep_supervision_is_refused():
     from_dict({"grad_mode": "last", "deep_supervision": "uniform"})  # iteration 0 is supervised
     from_dict({"grad_mode": "full", "deep_supervision": "none"})  # gradient reaches the encoder
     from_dict({"model": "baseline", "grad_mode": "last", "deep_supervision": "none"})  # one pass
+
+
+def test_precision_is_a_model_key_and_not_packable():
+    from poh_tune.config import PACK_SHAREABLE, pack_key
+
+    c = from_dict({"precision": "bf16"})
+    assert c.precision == "bf16" and c.model_part()["precision"] == "bf16"
+    assert "precision" not in PACK_SHAREABLE
+    assert pack_key(c) != pack_key(c.replace(precision="fp32"))

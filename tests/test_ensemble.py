@@ -211,3 +211,29 @@ def test_attention_scale_is_one_over_root_head_size():
         sl = slice(h * hs, (h + 1) * hs)
         p = torch.softmax(q[:, sl] @ k[:, sl].T / math.sqrt(hs), -1)
         assert torch.allclose(y[:, sl], p @ v[:, sl], atol=1e-6)
+
+
+def test_bf16_matmuls_stay_close_to_fp32_with_fp32_outputs_and_gradients(two_torch_threads,
+                                                                         monkeypatch):
+    """precision=bf16: every layer's products and gradients come back in FP32, close to the FP32
+    path at a bf16 tolerance, on both the bmm and the split path (3 members on 2 threads)."""
+    monkeypatch.setattr(poh_tune.ensemble, "SPLIT_MIN_MACS", 0)
+    g = torch.Generator().manual_seed(0)
+    S, L, H, D = 3, 5, 2, 8
+    x = torch.randn(S, 4, L, D, generator=g, requires_grad=True)
+    lin = ELinear(S, D, 3 * D)
+    alpha = torch.softmax(torch.randn(S, 4, L, H, generator=g), -1).requires_grad_()
+    gy = torch.randn(S, 4, L, D, generator=g)
+
+    def run(dtype):
+        with poh_tune.ensemble.matmul_dtype(dtype):
+            y = routed_attention_core(lin(x, relu=True), alpha, L, H)
+        grads = torch.autograd.grad(y, (x, alpha, lin.weight, lin.bias), gy)
+        return y, grads
+
+    y32, g32 = run(None)
+    y16, g16 = run(torch.bfloat16)
+    assert poh_tune.ensemble._MM_DTYPE is None  # restored after the block
+    for a, b in zip((y32, *g32), (y16, *g16), strict=True):
+        assert b.dtype == torch.float32 and torch.isfinite(b).all()
+        assert (a - b).norm() <= 0.03 * a.norm()

@@ -287,3 +287,21 @@ def test_configurations_packed_together_equal_each_alone(tiny_cfg, two_torch_thr
 def test_a_pack_refuses_configurations_of_other_shapes(tiny_cfg):
     with pytest.raises(ValueError, match="differ in max_inner_iters"):
         TrialRunner([tiny_cfg, tiny_cfg.replace(max_inner_iters=3)], "cpu")
+
+
+def test_bf16_trains_with_fp32_master_weights_and_optimizer_state(tiny_cfg):
+    """precision=bf16: parameters, their gradients and AdamW's moments stay FP32; an epoch
+    trains, τ rises, and the first epoch's loss is close to the FP32 run's."""
+    cfg = tiny_cfg.replace(epochs=4, seeds=[1, 2], train_samples=128, precision="bf16")
+    r = TrialRunner(cfg)
+    hist = [r.run_epoch() for _ in range(4)]
+    assert all(math.isfinite(h["train_loss"]) for h in hist)
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert hist[-1]["best_tau"] > hist[0]["tau"]
+    assert all(p.dtype == torch.float32 for p in r.model.parameters())
+    assert all(p.grad.dtype == torch.float32 for p in r.model.parameters() if p.grad is not None)
+    for opt in (r.enc_opt, r.ctrl_opt):
+        moments = [t for st in opt.opt.state.values() for k, t in st.items() if k != "step"]
+        assert moments and all(t.dtype == torch.float32 for t in moments + [opt.flat, opt.grad])
+    fp32 = TrialRunner(cfg.replace(precision="fp32")).run_epoch()
+    assert hist[0]["train_loss"] == pytest.approx(fp32["train_loss"], rel=0.05)
