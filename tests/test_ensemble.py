@@ -218,6 +218,10 @@ def test_bf16_matmuls_stay_close_to_fp32_with_fp32_outputs_and_gradients(two_tor
     """precision=bf16: every layer's products and gradients come back in FP32, close to the FP32
     path at a bf16 tolerance, on both the bmm and the split path (3 members on 2 threads)."""
     monkeypatch.setattr(poh_tune.ensemble, "SPLIT_MIN_MACS", 0)
+    # The layer's init comes from the global RNG: seeded, so the draw does not depend on which
+    # tests ran before (over init seeds 0-7 the relative errors were 0.2-0.5 %, up to 2.5 % where
+    # a ReLU input sits at its kink; an unseeded run once reached 11 %).
+    torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     S, L, H, D = 3, 5, 2, 8
     x = torch.randn(S, 4, L, D, generator=g, requires_grad=True)
