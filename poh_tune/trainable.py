@@ -136,6 +136,33 @@ class TrialFiles:
         self.writer.close()
 
 
+def report_epoch(runner: TrialRunner, report: dict[str, Any], checkpoint_due: bool,
+                 state_file: Path, durable: bool) -> None:
+    """Save the trial's state (when due, and after the last epoch), then report to Tune.
+
+    On local storage (`durable`) the state file is the checkpoint and Tune gets none: Tune's
+    experiment snapshot lags behind the trials and could name a checkpoint deleted since.
+    Elsewhere Tune gets the checkpoint with the report.
+    """
+    due = checkpoint_due or runner.done
+    if due:
+        save_state(runner, state_file)
+    if durable or not due:
+        tune.report(report)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        runner.save(Path(tmp) / CKPT_FILE)
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def crash_if_asked(folder: Path, epoch: int, crash_after: int) -> None:
+    """Test-only fault injection (CRASH_ENV): exit hard once, after epoch `crash_after`."""
+    marker = folder / ".crashed"
+    if crash_after and epoch == crash_after and not marker.exists():
+        marker.touch()
+        os._exit(1)
+
+
 def train_trial(config: dict[str, Any], base: dict[str, Any],
                 membership: dict[str, list[str]] | None = None,
                 checkpoint_every: int = 1) -> None:
@@ -197,22 +224,8 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
             epoch = int(m["epoch"])
             files.log(m)
             report = {**m, **extra()}
-            if epoch % checkpoint_every == 0 or runner.done:
-                save_state(runner, state_file)
-            if durable:
-                # No Tune checkpoint: the state file above is the checkpoint, and a Tune one
-                # could only bring back the snapshot race.
-                tune.report(report)
-            elif epoch % checkpoint_every == 0 or runner.done:
-                with tempfile.TemporaryDirectory() as tmp:
-                    runner.save(Path(tmp) / CKPT_FILE)
-                    tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
-            else:
-                tune.report(report)
-            marker = trial_dir / ".crashed"
-            if crash_after and epoch == crash_after and not marker.exists():
-                marker.touch()
-                os._exit(1)
+            report_epoch(runner, report, epoch % checkpoint_every == 0, state_file, durable)
+            crash_if_asked(trial_dir, epoch, crash_after)
     finally:
         files.close()
 
@@ -309,20 +322,8 @@ def train_pack(config: dict[str, Any], base: dict[str, Any],
                 atomic_write_text(diverged, f"{msg}\n")
                 raise TrainingDiverged(msg)
             report = pack_report(records)
-            if epoch % checkpoint_every == 0 or runner.done:
-                save_state(runner, state_file)
-            if durable:  # the state file is the checkpoint (train_trial says why)
-                tune.report(report)
-            elif epoch % checkpoint_every == 0 or runner.done:
-                with tempfile.TemporaryDirectory() as tmp:
-                    runner.save(Path(tmp) / CKPT_FILE)
-                    tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
-            else:
-                tune.report(report)
-            marker = pack_dir / ".crashed"
-            if crash_after and epoch == crash_after and not marker.exists():
-                marker.touch()
-                os._exit(1)
+            report_epoch(runner, report, epoch % checkpoint_every == 0, state_file, durable)
+            crash_if_asked(pack_dir, epoch, crash_after)
     finally:
         for f in files:
             f.close()
