@@ -139,17 +139,12 @@ def estimate_grid_device(space_arg: str | None, experiments: list[str] | None,
     timed for one epoch after a warm-up epoch (graph capture happens there), and the estimate is
     the sum over packs of epochs x that time: packs run one after another on the device.
     """
-    from poh_tune.config import pack_key
-    from poh_tune.spaces import grid_variants, load_space, resolve_space_path
+    from poh_tune.spaces import grid_variants, load_space, pack_variants, resolve_space_path
 
     space = load_space(resolve_space_path(space_arg, "document_grid.yaml"))
     variants, _ = grid_variants(space, experiments)
-    groups: dict[tuple, list[TrialConfig]] = {}
-    for params in variants:
-        c = space.base.replace(**params, controller_warmup_epochs=0)
-        groups.setdefault(pack_key(c), []).append(c)
-    packs = [g[i:i + (pack or len(g))] for g in groups.values()
-             for i in range(0, len(g), pack or len(g))]
+    packs = [[space.base.replace(**variants[i], controller_warmup_epochs=0) for i in p]
+             for p in pack_variants(space.base, variants, pack or len(variants))]
     rows, total = [], 0.0
     for cfgs in packs:
         runner = TrialRunner(cfgs, device)
