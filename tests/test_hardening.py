@@ -547,7 +547,7 @@ def test_no_unsafe_loading_no_shell_and_atomic_result_writes():
     """Static checks over the package: YAML via safe_load, checkpoints with weights_only=True,
     no shell, and every result file written atomically (poh_tune.io or temp file + replace)."""
     pkg = Path(__file__).resolve().parent.parent / "poh_tune"
-    for f in sorted(pkg.glob("*.py")):
+    for f in sorted(pkg.rglob("*.py")):
         src = f.read_text()
         assert not re.search(r"yaml\.(load|unsafe_load|full_load)\(|yaml\.(Unsafe|Full)?Loader\b",
                              src), f
