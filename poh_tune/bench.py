@@ -16,12 +16,45 @@ import time
 
 import torch
 
-from poh_tune import ensemble
 from poh_tune.config import ConfigError, load_config, parse_overrides
-from poh_tune.model import forward_flops
+from poh_tune.matmul import cpu_split
+from poh_tune.model import ModelConfig
 from poh_tune.trainer import TrialRunner
 
 PEAK_N = 2048
+
+
+def forward_flops(cfg: ModelConfig, batch: int, pointer: bool) -> float:
+    """Matmul FLOPs of one member's forward pass over `batch` samples (2 per multiply-add).
+
+    Counts every linear layer, attention scores and values, the recurrent cells and the readouts;
+    elementwise work (norms, softmax, losses) is left out, as in the usual MFU accounting.
+    """
+    d, L, H, f, c = cfg.d_model, cfg.array_len, cfg.n_heads, cfg.d_ff, cfg.d_ctrl
+    tokens = batch * L
+    block = tokens * (2 * d * 3 * d + 2 * d * d + 2 * 2 * d * f) + batch * 2 * 2 * L * L * d
+    readout = tokens * 2 * d
+    total = block  # the encoder block (the value projection is an elementwise product)
+    if cfg.model == "baseline":
+        total += readout  # the baseline reads scores off the encoder; PoH after each iteration
+    else:
+        if cfg.controller == "hrm":
+            # Every iteration: GRU_L's gates from x (inp composed with ih's token half) and from
+            # z_L, the router on z_L; z_H's part of both cached. Period iterations: GRU_H, then
+            # z_H's part of both, recomputed.
+            per_iter = tokens * (2 * d * 3 * c + 2 * c * 3 * c + 2 * c * H)
+            per_period = tokens * (2 * 3 * (c + c) * c + 2 * c * (3 * c + H))
+            n_period = len(range(0, cfg.max_inner_iters, cfg.hrm_period))
+            ctrl = cfg.max_inner_iters * per_iter + n_period * per_period
+            ctrl += 2 * c * (3 * c + H)  # the initial z_H, projected once for all tokens
+            ctrl += 2 * (d + 1) * c * 3 * c  # inp's weight and bias composed with ih, once
+        else:
+            ctrl = cfg.max_inner_iters * tokens * (2 * d * c + 2 * c * H)
+        total += cfg.max_inner_iters * (block + readout) + ctrl
+    if pointer:
+        n = cfg.n_iters
+        total += n * (tokens * 2 * 2 * d * d + batch * 2 * L * L * d)  # q, k, q@k^T
+    return float(total)
 
 
 def matmul_peak_gflops(n: int = PEAK_N, repeats: int = 5,
@@ -92,15 +125,9 @@ class Timed:
         if record:
             self.eval_s.append(elapsed)
 
-    @contextlib.contextmanager
-    def matmuls(self):
+    def matmuls(self) -> contextlib.AbstractContextManager:
         """With split=False, the ensemble's CPU matmul split is off: every member in one bmm."""
-        saved = ensemble.SPLIT_MIN_MACS
-        ensemble.SPLIT_MIN_MACS = saved if self.split else 1 << 62
-        try:
-            yield
-        finally:
-            ensemble.SPLIT_MIN_MACS = saved
+        return contextlib.nullcontext() if self.split else cpu_split(None)
 
     @property
     def best(self) -> float:
@@ -145,7 +172,7 @@ def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1,
     With `batch_reference`, also one seed on a k times larger batch and training set: the same
     arithmetic as k seeds in the same number of steps, but in k times larger matmuls, the best
     that batching k seeds can hope for where the arithmetic is the limit. With
-    `split_reference`, also k seeds with the CPU matmul split off (`poh_tune.ensemble._split`)."""
+    `split_reference`, also k seeds with the CPU matmul split off (`poh_tune.matmul.cpu_split`)."""
     peaks = matmul_peaks()
     runs = [Timed(cfg.replace(seeds=[cfg.seeds[0]]), "1 seed")]
     extra: dict[str, Timed] = {}

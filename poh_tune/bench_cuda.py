@@ -123,8 +123,9 @@ def bench_device(cfg: TrialConfig, device: str = "cuda", epochs: int = 3, seeds:
     res["graph_speedup"] = round(min(times["eager"]) / min(times["graphed"]), 3)
     res["max_abs_diff"] = {k: float(f"{v:.3g}") for k, v in diff.items()}
     g = runners["graphed"]
-    res["graphs"] = {"step": g._graphed_step.n_graphs, "eval": g._graphed_eval.n_graphs,
-                     "failure": g._graphed_step.failure or g._graphed_eval.failure}
+    step, ev = g.graphed_step, g.evaluator.graphed
+    res["graphs"] = {"step": step.n_graphs, "eval": ev.n_graphs,
+                     "failure": step.failure or ev.failure}
     for name, r in runners.items():
         res[f"{name}_profile"] = _profile_epoch(r)
     res["torch"] = torch.__version__

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -18,50 +19,96 @@ class ConfigError(ValueError):
     """A user mistake in a configuration: the message names the key, the value and what is allowed."""
 
 
+class Range(NamedTuple):
+    """The values a numeric key allows; None = unbounded above."""
+
+    low: float
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+
+    def __contains__(self, value: float) -> bool:
+        lo, hi = self.low, self.high
+        return ((value >= lo if self.low_inclusive else value > lo)
+                and (hi is None or (value <= hi if self.high_inclusive else value < hi)))
+
+    def __str__(self) -> str:
+        lo, hi = self.low, self.high
+        if hi is None:
+            return f"{'>=' if self.low_inclusive else '>'} {lo}"
+        return (f"in {'[' if self.low_inclusive else '('}{lo}, {hi}"
+                f"{']' if self.high_inclusive else ')'}")
+
+
+AT_LEAST_1 = Range(1)
+POSITIVE = Range(0.0, low_inclusive=False)
+
+
+def knob(default: Any, allowed: Range | None = None, *,
+         choices: tuple[str, ...] | None = None) -> Any:
+    """A TrialConfig field: its default and, where restricted, its choices or its range."""
+    meta: dict[str, Any] = {}
+    if choices is not None:
+        meta["choices"] = choices
+    if allowed is not None:
+        meta["range"] = allowed
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class TrialConfig:
     # Task (SPEC "The task"): L distinct integers from [-100, 100), a share of them hidden.
-    array_len: int = 20
-    mask_rate: float = 0.5
-    train_samples: int = 1000
-    dev_samples: int = 300
-    test_samples: int = 300
+    array_len: int = knob(20, Range(2, 512))
+    mask_rate: float = knob(0.5, Range(0.0, 1.0, high_inclusive=False))
+    train_samples: int = knob(1000, AT_LEAST_1)
+    dev_samples: int = knob(300, AT_LEAST_1)
+    test_samples: int = knob(300, AT_LEAST_1)
     # Schedule.
-    epochs: int = 100
-    batch_size: int = 32
+    epochs: int = knob(100, AT_LEAST_1)
+    batch_size: int = knob(32, AT_LEAST_1)
     seeds: tuple[int, ...] = (1, 2, 3, 4, 5)  # a trial is one configuration on all of these
-    # Model (SPEC "Model").
-    model: str = "pot"  # "baseline": encoder + readouts, one pass; "pot": + iterated PoH block
-    d_model: int = 128
-    n_heads: int = 4
-    d_ff: int = 256
-    max_inner_iters: int = 12
-    hrm_period: int = 4  # z_H updates on iterations where t % hrm_period == 0
-    controller: str = "hrm"  # "hrm": two-timescale recurrent router; "mlp": stateless router
-    d_ctrl: int = 64  # controller width; as wide as the model would double an iteration's cost
-    grad_mode: str = "full"  # "full": backprop through all iterations; "last": detach between them
+    # Model (SPEC "Model"): the model reads these keys and no others (model.ModelConfig).
+    # "pot" is the PoH transformer (the user's own word: --model pot): encoder + readouts +
+    # the iterated PoH block; "baseline": encoder + readouts, one pass.
+    model: str = knob("pot", choices=("baseline", "pot"))
+    d_model: int = knob(128, AT_LEAST_1)
+    n_heads: int = knob(4, AT_LEAST_1)
+    d_ff: int = knob(256, AT_LEAST_1)
+    max_inner_iters: int = knob(12, AT_LEAST_1)
+    hrm_period: int = knob(4, AT_LEAST_1)  # z_H updates on iterations where t % hrm_period == 0
+    # "hrm": two-timescale recurrent router; "mlp": stateless router
+    controller: str = knob("hrm", choices=("hrm", "mlp"))
+    # controller width; as wide as the model would double an iteration's cost
+    d_ctrl: int = knob(64, AT_LEAST_1)
+    # "full": backprop through all iterations; "last": detach between them
+    grad_mode: str = knob("full", choices=("full", "last"))
     # "bf16": matmuls and attention in bfloat16 (the bf16 matrix units: AMX, tensor cores), master
     # weights, optimizer state, losses, softmax and norms in FP32. Not packable: shapes numerics.
-    precision: str = "fp32"
+    precision: str = knob("fp32", choices=("fp32", "bf16"))
     # Training (SPEC "Training").
-    loss: str = "ranknet"
-    loss_pairs: str = "observed"  # "all" also trains on hidden positions (their ranks are known)
-    deep_supervision: str = "linear"  # weights of the per-iteration losses; "none" = last only
-    temperature_init: float = 2.0
-    temperature_min: float = 0.8
-    temperature_decay: float = 0.95
+    loss: str = knob("ranknet",
+                     choices=("ranknet", "listnet", "soft_sort", "combined", "pointer_ce"))
+    # "all" also trains on hidden positions (their ranks are known)
+    loss_pairs: str = knob("observed", choices=("observed", "all"))
+    # weights of the per-iteration losses; "none" = last only
+    deep_supervision: str = knob("linear", choices=("none", "uniform", "linear"))
+    temperature_init: float = knob(2.0, POSITIVE)
+    temperature_min: float = knob(0.8, POSITIVE)
+    temperature_decay: float = knob(0.95, Range(0.0, 1.0, low_inclusive=False))
     entropy_reg: float = 1e-3  # w0; negative turns the penalty into a bonus
-    entropy_decay_rate: float = 0.5
-    entropy_decay_every: int = 5
-    lr_encoder: float = 3e-4
-    lr_controller: float = 1e-4
-    weight_decay: float = 0.01
-    clip_encoder: float = 1.0
-    clip_controller: float = 0.5
-    controller_warmup_epochs: int = 5  # the controller's optimizer does not step before this epoch
+    entropy_decay_rate: float = knob(0.5, Range(0.0))
+    entropy_decay_every: int = knob(5, AT_LEAST_1)
+    lr_encoder: float = knob(3e-4, POSITIVE)
+    lr_controller: float = knob(1e-4, POSITIVE)
+    weight_decay: float = knob(0.01, Range(0.0))
+    clip_encoder: float = knob(1.0, POSITIVE)
+    clip_controller: float = knob(0.5, POSITIVE)
+    # the controller's optimizer does not step before this epoch
+    controller_warmup_epochs: int = knob(5, Range(0))
     diagnostics: bool = True  # per-iteration τ / entropy / α statistics at every evaluation
-    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
-    cuda_graphs: str = "auto"  # "auto": whole steps as CUDA graphs on a GPU (eager elsewhere); "off"
+    threads: int = knob(0, Range(0))  # torch intra-op threads; 0 leaves torch's default
+    # "auto": whole steps as CUDA graphs on a GPU (eager elsewhere); "off"
+    cuda_graphs: str = knob("auto", choices=("auto", "off"))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -70,12 +117,6 @@ class TrialConfig:
 
     def replace(self, **changes: Any) -> TrialConfig:
         return from_dict({**self.to_dict(), **changes})
-
-    def model_part(self) -> dict[str, Any]:
-        """The fields the model itself depends on (nothing about training)."""
-        keys = ("array_len", "model", "d_model", "n_heads", "d_ff", "max_inner_iters",
-                "hrm_period", "controller", "d_ctrl", "grad_mode", "precision")
-        return {k: getattr(self, k) for k in keys}
 
 
 # Keys that may differ between configurations trained together as members of one ensemble
@@ -93,55 +134,23 @@ def pack_key(cfg: TrialConfig) -> tuple:
                  if k not in PACK_SHAREABLE and not isinstance(v, list))
 
 
+def check_pack(cfgs: Sequence[TrialConfig]) -> None:
+    """Raise ValueError, naming the keys, where a configuration cannot train with the first."""
+    for i, c in enumerate(cfgs[1:], 1):
+        if pack_key(c) != pack_key(cfgs[0]):
+            diff = [k for (k, v), (_, v0) in zip(pack_key(c), pack_key(cfgs[0]), strict=True)
+                    if v != v0]
+            raise ValueError(f"configuration {i} cannot train with configuration 0: they "
+                             f"differ in {', '.join(diff)} (only {', '.join(PACK_SHAREABLE)} "
+                             "may differ)")
+
+
+# Views of TrialConfig's fields, by key: the values each allows and its type.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model": ("baseline", "pot"),
-    "controller": ("hrm", "mlp"),
-    "grad_mode": ("full", "last"),
-    "loss": ("ranknet", "listnet", "soft_sort", "combined", "pointer_ce"),
-    "loss_pairs": ("observed", "all"),
-    "deep_supervision": ("none", "uniform", "linear"),
-    "cuda_graphs": ("auto", "off"),
-    "precision": ("fp32", "bf16"),
-}
-
-# (low, high, low_inclusive, high_inclusive); None = unbounded.
-RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
-    "array_len": (2, 512, True, True),
-    "mask_rate": (0.0, 1.0, True, False),
-    "train_samples": (1, None, True, True),
-    "dev_samples": (1, None, True, True),
-    "test_samples": (1, None, True, True),
-    "epochs": (1, None, True, True),
-    "batch_size": (1, None, True, True),
-    "d_model": (1, None, True, True),
-    "n_heads": (1, None, True, True),
-    "d_ff": (1, None, True, True),
-    "max_inner_iters": (1, None, True, True),
-    "hrm_period": (1, None, True, True),
-    "d_ctrl": (1, None, True, True),
-    "temperature_init": (0.0, None, False, True),
-    "temperature_min": (0.0, None, False, True),
-    "temperature_decay": (0.0, 1.0, False, True),
-    "entropy_decay_rate": (0.0, None, True, True),
-    "entropy_decay_every": (1, None, True, True),
-    "lr_encoder": (0.0, None, False, True),
-    "lr_controller": (0.0, None, False, True),
-    "weight_decay": (0.0, None, True, True),
-    "clip_encoder": (0.0, None, False, True),
-    "clip_controller": (0.0, None, False, True),
-    "controller_warmup_epochs": (0, None, True, True),
-    "threads": (0, None, True, True),
-}
-
-FIELD_TYPES: dict[str, type] = {
-    f.name: (tuple if f.name == "seeds" else type(f.default)) for f in fields(TrialConfig)
-}
-
-
-def _allowed_range(lo, hi, lo_inc, hi_inc) -> str:
-    if hi is None:
-        return f"{'>=' if lo_inc else '>'} {lo}"
-    return f"in {'[' if lo_inc else '('}{lo}, {hi}{']' if hi_inc else ')'}"
+    f.name: f.metadata["choices"] for f in fields(TrialConfig) if "choices" in f.metadata}
+RANGES: dict[str, Range] = {
+    f.name: f.metadata["range"] for f in fields(TrialConfig) if "range" in f.metadata}
+FIELD_TYPES: dict[str, type] = {f.name: type(f.default) for f in fields(TrialConfig)}
 
 
 def suggest(key: str, valid: list[str]) -> str:
@@ -203,12 +212,8 @@ def from_dict(d: dict[str, Any]) -> TrialConfig:
         value = _coerce(key, value)
         if key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(f"{key}={value!r}: expected one of {', '.join(CHOICES[key])}")
-        if key in RANGES:
-            lo, hi, lo_inc, hi_inc = RANGES[key]
-            ok = ((lo is None or (value >= lo if lo_inc else value > lo))
-                  and (hi is None or (value <= hi if hi_inc else value < hi)))
-            if not ok:
-                raise ConfigError(f"{key}={value!r}: must be {_allowed_range(lo, hi, lo_inc, hi_inc)}")
+        if key in RANGES and value not in RANGES[key]:
+            raise ConfigError(f"{key}={value!r}: must be {RANGES[key]}")
         out[key] = value
     cfg = TrialConfig(**out)
     if cfg.d_model % cfg.n_heads:
@@ -288,5 +293,6 @@ def save_config(cfg: TrialConfig, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-__all__ = ["ConfigError", "TrialConfig", "from_dict", "load_config", "pack_key",
-           "parse_overrides", "read_yaml", "save_config", "CHOICES", "PACK_SHAREABLE", "RANGES"]
+__all__ = ["ConfigError", "TrialConfig", "check_pack", "from_dict", "load_config", "pack_key",
+           "parse_overrides", "read_yaml", "save_config", "CHOICES", "PACK_SHAREABLE", "RANGES",
+           "Range"]

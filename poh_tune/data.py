@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from poh_tune.config import TrialConfig
 
 VALUE_LOW, VALUE_HIGH = -100, 100  # values are drawn from [VALUE_LOW, VALUE_HIGH)
 VALUE_SCALE = 100.0  # observed values enter the model as value / VALUE_SCALE, about [-1, 1]
@@ -55,3 +60,15 @@ def make_splits(array_len: int, mask_rate: float, seed: int, train: int, dev: in
     sizes = {"train": train, "dev": dev, "test": test}
     return {name: make_split(sizes[name], array_len, mask_rate, seed + SPLIT_OFFSETS[name])
             for name in sizes}
+
+
+def stack_seeds(cfg: TrialConfig, seeds: Sequence[int], device: torch.device
+                ) -> dict[str, SortData]:
+    """Every member's splits (its seed's), stacked on a leading member dimension: (S, N, L).
+
+    Only the seed varies between members: the task's keys are shared by a pack (pack_key)."""
+    per_seed = [make_splits(cfg.array_len, cfg.mask_rate, s, cfg.train_samples, cfg.dev_samples,
+                            cfg.test_samples) for s in seeds]
+    return {split: SortData(*(torch.stack([getattr(d[split], f) for d in per_seed]).to(device)
+                              for f in ("values", "obs_mask", "perm", "ranks")))
+            for split in ("train", "dev", "test")}

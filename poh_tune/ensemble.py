@@ -5,74 +5,20 @@ Every parameter has a leading member dimension S and every activation is (S, N, 
 path pays a few microseconds for every aten call (the CPU always, the GPU on its first, uncaptured
 step), and autograd's generic formulas spend several calls per op on views, broadcasts and
 conjugation checks. Here each layer is a handful of fused calls, and parameters may be strided
-views into a larger flat buffer: gradients are returned in the parameters' shapes.
+views into a larger flat buffer: gradients are returned in the parameters' shapes. How their
+matmuls run (members split over CPU threads, bf16 operands) is poh_tune.matmul's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn as nn
 
-# Below this many multiply-adds per member, a matmul is too small for the split to pay for its
-# Python overhead (about 0.1 ms a call, forward and backward): d -> 1 scores, c -> H router.
-SPLIT_MIN_MACS = 1 << 21
+from poh_tune.matmul import cast_weight, member_bmm, operand_dtype, split_point
 
 LN_EPS = 1e-5  # nn.LayerNorm's default
-
-# The dtype of the matmul operands (precision=bf16: torch.bfloat16), None for FP32. Read by every
-# Function's forward and kept on its ctx for the backward; set around a model's forward pass by
-# `matmul_dtype`. Autocast does not reach inside custom Functions, so the casts are explicit here:
-# operands cast, products and every returned gradient in FP32 (softmax and norms in FP32 too).
-_MM_DTYPE: torch.dtype | None = None
-# Weights cast to _MM_DTYPE, once per forward pass: the PoH block's weights serve every
-# iteration. Keyed by id, holding the FP32 tensor too, so that no id is reused while cached.
-_CAST: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-@contextlib.contextmanager
-def matmul_dtype(dtype: torch.dtype | None):
-    """Run the ensemble layers' matmuls in `dtype` (None: FP32, the layers' own path)."""
-    global _MM_DTYPE
-    saved, _MM_DTYPE = _MM_DTYPE, dtype
-    try:
-        yield
-    finally:
-        _MM_DTYPE = saved
-        _CAST.clear()
-
-
-def _cast_weight(w: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-    hit = _CAST.get(id(w))
-    if hit is None or hit[0] is not w:
-        hit = _CAST[id(w)] = (w, w.to(dt))
-    return hit[1]
-
-
-def _split(S: int, device: torch.device, rows: int, d_in: int, d_out: int) -> int:
-    """How many leading members go through one batched matmul; the rest go one at a time.
-
-    On CPU a batched matmul gives each thread whole batch items, so S items over T threads cost
-    ceil(S/T) rounds: 5 members on 2 threads cost as much as 6. Whole rounds of members go
-    through bmm, and the remainder through plain matmuls that use every thread.
-    """
-    if device.type != "cpu" or S == 1 or rows * d_in * d_out < SPLIT_MIN_MACS:
-        return S
-    T = torch.get_num_threads()
-    return S - S % T if T > 1 else S
-
-
-def _split_bmm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
-    """out[s] = a[s] @ b[s]: members [0, n) in one bmm, the rest one matmul each."""
-    if n == a.shape[0]:
-        return torch.bmm(a, b, out=out)
-    if n:
-        torch.bmm(a[:n], b[:n], out=out[:n])
-    for s in range(n, a.shape[0]):
-        torch.mm(a[s], b[s], out=out[s])
-    return out
 
 
 def _strided(t: torch.Tensor, size: tuple[int, ...], stride: tuple[int, ...],
@@ -98,14 +44,6 @@ def _empty(t: torch.Tensor, *size: int, dtype: torch.dtype | None = None) -> tor
     return torch.empty(size, dtype=dtype or t.dtype, device=t.device)
 
 
-def _bmm(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
-    """a[s] @ b[s] for every member, split as `_split` says. A plain bmm allocates its own output
-    (an explicit empty would be one more aten call)."""
-    if n == a.shape[0]:
-        return torch.bmm(a, b)
-    return _split_bmm(_empty(a, a.shape[0], a.shape[1], b.shape[2]), a, b, n)
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(S, ..., d) -> (S, N, d); a view where one exists."""
     if t.dim() == 3:
@@ -116,20 +54,21 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 class _EnsembleLinear(torch.autograd.Function):
     """y[s] = b[s] + x[s] @ W[s] for every member s, then ReLU if `relu`: x (S, ..., K),
     W (S, K, M), b (S, 1, M) or (S, N, M) with N the rows of x. The forward and both backward
-    matmuls are split as `_split` says (n members through bmm, the rest one matmul each), into
-    preallocated outputs (no cat). Leading dims are flattened here, not by autograd views."""
+    matmuls are split as `matmul.split_point` says (n members through bmm, the rest one matmul
+    each), into preallocated outputs (no cat). Leading dims are flattened here, not by autograd
+    views."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, n: int,
                 relu: bool) -> torch.Tensor:
         x3 = _rows(x)
-        dt = ctx.dt = _MM_DTYPE
+        dt = ctx.dt = operand_dtype()
         if dt is None:
             # bmm then add_ is 4 aten calls; baddbmm with a broadcast bias is 6 (expand, copy).
-            y = _bmm(x3, w, n).add_(b)
+            y = member_bmm(x3, w, n).add_(b)
         else:
-            x3, w = x3.to(dt), _cast_weight(w, dt)
-            y = torch.add(_bmm(x3, w, n), b)  # bf16 + FP32 bias -> FP32 by type promotion
+            x3, w = x3.to(dt), cast_weight(w, dt)
+            y = torch.add(member_bmm(x3, w, n), b)  # bf16 + FP32 bias -> FP32 by type promotion
         if relu:
             y.clamp_min_(0)  # relu_ is two calls (relu_, clamp_min_)
         ctx.save_for_backward(x3, w, y if relu else None)
@@ -147,13 +86,13 @@ class _EnsembleLinear(torch.autograd.Function):
         dt = ctx.dt
         gy_mm = gy if dt is None else gy.to(dt)
         if ctx.needs_input_grad[0]:
-            gx = _bmm(gy_mm, _mT(w), n)
+            gx = member_bmm(gy_mm, _mT(w), n)
             if dt is not None:
                 gx = gx.float()
             if len(ctx.x_shape) != 3:
                 gx = gx.view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            gw = _bmm(_mT(x), gy_mm, n)
+            gw = member_bmm(_mT(x), gy_mm, n)
             if dt is not None:
                 gw = gw.float()
         if ctx.needs_input_grad[2]:
@@ -164,7 +103,7 @@ class _EnsembleLinear(torch.autograd.Function):
 def ebaddmm(base: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """base + x @ w for every member: x (S, N, K), w (S, K, M), base (S, 1, M) or (S, N, M)."""
     S, N, K = x.shape
-    return _EnsembleLinear.apply(x, w, base, _split(S, x.device, N, K, w.shape[-1]), False)
+    return _EnsembleLinear.apply(x, w, base, split_point(S, x.device, N, K, w.shape[-1]), False)
 
 
 class ELinear(nn.Module):
@@ -179,7 +118,7 @@ class ELinear(nn.Module):
     def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
         """(S, ..., d_in) -> (S, ..., d_out); `relu` fuses a ReLU after the bias."""
         S, d_in, d_out = self.weight.shape
-        n = _split(S, x.device, x.numel() // (S * d_in), d_in, d_out)
+        n = split_point(S, x.device, x.numel() // (S * d_in), d_in, d_out)
         return _EnsembleLinear.apply(x, self.weight, self.bias, n, relu)
 
 
@@ -286,7 +225,7 @@ class _RoutedAttentionCore(torch.autograd.Function):
         G = SB * H  # every (member, sample, head)
         if not qkv.is_contiguous():
             qkv = qkv.contiguous()
-        dt = ctx.dt = _MM_DTYPE
+        dt = ctx.dt = operand_dtype()
         # q, k, v with (member, sample, head) as the batch dim; in bf16 the copy is the cast
         t = _empty(qkv, 3, G, L, hs, dtype=dt)
         t.view(3, SB, H, L, hs).copy_(_by_head(qkv, SB, L, H))
@@ -371,3 +310,20 @@ def routed_attention_core(qkv: torch.Tensor, alpha: torch.Tensor | None, L: int,
     """qkv (S, B, L, 3D) or (S, B*L, 3D), alpha of the same leading shape with H last, or None
     -> heads' outputs, α-scaled, merged: (S, ..., D)."""
     return _RoutedAttentionCore.apply(qkv, alpha, L, n_heads)
+
+
+class RoutedAttention(nn.Module):
+    """Multi-head self-attention, all heads in one batched call; head outputs optionally scaled by α."""
+
+    def __init__(self, S: int, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = ELinear(S, d_model, 3 * d_model)
+        self.out = ELinear(S, d_model, d_model)
+
+    def forward(self, x: torch.Tensor, alpha: torch.Tensor | None = None,
+                L: int | None = None) -> torch.Tensor:
+        """x (S, B, L, D), alpha (S, B, L, H) or None -> (S, B, L, D); or x as rows
+        (S, B*L, D) with L given."""
+        L = x.shape[2] if L is None else L
+        return self.out(routed_attention_core(self.qkv(x), alpha, L, self.n_heads))

@@ -3,14 +3,23 @@
 Scores are (..., L); targets and masks are (..., L) with leading dims that broadcast against the
 scores' (the trainer scores every inner iteration against one set of targets).
 
-Every loss comes in two forms: `<name>_per_sample(...) -> (N,)`, which the trainer uses to supervise
-all inner iterations in one call, and `<name>_loss(...) -> scalar`, the mean over samples.
+Every loss is per sample, `<name>_per_sample(...) -> (...)`: the trainer supervises all inner
+iterations of all members in one call (`TrialLoss`), and weighs and sums them itself.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+from poh_tune.metrics import routing_entropy
+
+if TYPE_CHECKING:
+    from poh_tune.config import TrialConfig
+    from poh_tune.data import SortData
+    from poh_tune.model import ForwardOut, PointerDecoder
 
 SOFT_SORT_TEMPERATURE = 1.0
 # `combined`: a weighted sum of the three score losses (the document's "combined ranking loss").
@@ -99,22 +108,6 @@ def pointer_ce_per_sample(logits: torch.Tensor, perm: torch.Tensor, obs_mask: to
     return (ce * w).sum(-1) / w.sum(-1).clamp_min(1)
 
 
-def ranknet_loss(scores, target_ranks, obs_mask) -> torch.Tensor:
-    return ranknet_per_sample(scores, target_ranks, obs_mask).mean()
-
-
-def listnet_loss(scores, target_ranks, obs_mask) -> torch.Tensor:
-    return listnet_per_sample(scores, target_ranks, obs_mask).mean()
-
-
-def soft_sort_loss(scores, target_ranks, obs_mask) -> torch.Tensor:
-    return soft_sort_per_sample(scores, target_ranks, obs_mask).mean()
-
-
-def combined_loss(scores, target_ranks, obs_mask) -> torch.Tensor:
-    return combined_per_sample(scores, target_ranks, obs_mask).mean()
-
-
 def supervision_weights(kind: str, n_iters: int) -> list[float]:
     """Deep-supervision weights of the inner iterations (sum 1): none = last only."""
     if kind == "none":
@@ -122,3 +115,53 @@ def supervision_weights(kind: str, n_iters: int) -> list[float]:
     raw = [1.0] * n_iters if kind == "uniform" else [float(t + 1) for t in range(n_iters)]
     s = sum(raw)
     return [r / s for r in raw]
+
+
+class TrialLoss:
+    """A training step's loss of every member: the ranking loss of every inner iteration,
+    deep-supervision weighted, plus the routing entropy term.
+
+    Args:
+        cfg: the trial's configuration (loss, loss_pairs, deep_supervision).
+        n_iters: readouts per forward pass (ModelConfig.n_iters).
+        pointer: the model's pointer decoder (read by loss pointer_ce).
+        device: where the model runs.
+    """
+
+    def __init__(self, cfg: TrialConfig, n_iters: int, pointer: PointerDecoder,
+                 device: torch.device):
+        self.loss, self.loss_pairs, self.pointer = cfg.loss, cfg.loss_pairs, pointer
+        self.ds_weights = torch.tensor(supervision_weights(cfg.deep_supervision, n_iters),
+                                       device=device)
+        self._ds_weights_per_sample: dict[int, torch.Tensor] = {}
+
+    def __call__(self, out: ForwardOut, batch: SortData, entropy_w: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-member losses (S,) and their parts (3, S): total, ranking, routing entropy.
+
+        entropy_w: (S,) each member's entropy weight."""
+        T, S, B, L = out.scores.shape
+        mask = batch.obs_mask if self.loss_pairs == "observed" else torch.ones_like(batch.obs_mask)
+        if self.loss == "pointer_ce":
+            h = out.hidden.transpose(0, 1).reshape(S, T * B, L, -1)  # members first
+            ranks_S = batch.ranks.expand(T, S, B, L).transpose(0, 1).reshape(S, T * B, L)
+            logits = self.pointer.teacher_forced(h, ranks_S)  # (S, T*B, R, P)
+            perm = batch.perm.expand(T, S, B, L).transpose(0, 1).reshape(-1, L)
+            mask_S = mask.expand(T, S, B, L).transpose(0, 1).reshape(-1, L)
+            per = pointer_ce_per_sample(logits.reshape(-1, L, L), perm, mask_S)
+            per = per.view(S, T, B).transpose(0, 1)  # back to (T, S, B)
+        else:  # every iteration's scores (T, S, B, L) against the same targets (S, B, L)
+            per = SCORE_LOSSES[self.loss](out.scores, batch.ranks, mask)  # (T, S, B)
+        # Deep supervision: iteration t's mean loss over the batch weighted by ds_weights[t];
+        # the weights / B are made once per batch size (a division by a number is several
+        # aten calls, forward and backward, every step).
+        if B not in self._ds_weights_per_sample:
+            self._ds_weights_per_sample[B] = (self.ds_weights / B).view(T, 1, 1)
+        rank_loss = (per.view(T, S, B) * self._ds_weights_per_sample[B]).sum((0, 2))  # (S,)
+        if out.alphas is None:
+            return rank_loss, torch.stack([rank_loss, rank_loss, torch.zeros_like(rank_loss)]
+                                          ).detach()
+        # Mean routing entropy over tokens and iterations, per member, kept in the graph.
+        ent = routing_entropy(out.alphas).mean((0, 2, 3))  # (S,)
+        loss = torch.addcmul(rank_loss, entropy_w, ent)
+        return loss, torch.stack([loss, rank_loss, ent]).detach()

@@ -9,60 +9,48 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from poh_tune.ensemble import (
-    EGRUCell,
-    ELayerNorm,
-    ELinear,
-    ebaddmm,
-    matmul_dtype,
-    routed_attention_core,
-)
-
-# precision -> the ensemble layers' matmul operand dtype (None: FP32 throughout)
-MATMUL_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+from poh_tune.config import TrialConfig
+from poh_tune.ensemble import EGRUCell, ELayerNorm, ELinear, RoutedAttention, ebaddmm
+from poh_tune.matmul import matmul_precision
 
 
 @dataclass
 class ModelConfig:
-    array_len: int = 20
-    model: str = "pot"
-    d_model: int = 128
-    n_heads: int = 4
-    d_ff: int = 256
-    max_inner_iters: int = 12
-    hrm_period: int = 4
-    controller: str = "hrm"
-    d_ctrl: int = 64
-    grad_mode: str = "full"
-    precision: str = "fp32"  # "bf16": matmuls and attention in bfloat16, all else FP32
+    """The model's part of a TrialConfig, nothing about training: these fields of it, whose
+    defaults and meaning are in config.py (one place for every default)."""
+
+    array_len: int
+    model: str  # "pot": the PoH transformer; "baseline": encoder + readouts, one pass
+    d_model: int
+    n_heads: int
+    d_ff: int
+    max_inner_iters: int
+    hrm_period: int
+    controller: str
+    d_ctrl: int
+    grad_mode: str
+    precision: str
+
+    @classmethod
+    def from_trial(cls, cfg: TrialConfig) -> ModelConfig:
+        """The model's fields of a trial's configuration."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+    @property
+    def is_poh(self) -> bool:
+        """The PoH transformer (model "pot"), not the one-pass baseline."""
+        return self.model == "pot"
 
     @property
     def n_iters(self) -> int:
         """Readouts per forward pass: one per inner iteration, one for the baseline."""
-        return self.max_inner_iters if self.model == "pot" else 1
-
-
-class RoutedAttention(nn.Module):
-    """Multi-head self-attention, all heads in one batched call; head outputs optionally scaled by α."""
-
-    def __init__(self, S: int, d_model: int, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-        self.qkv = ELinear(S, d_model, 3 * d_model)
-        self.out = ELinear(S, d_model, d_model)
-
-    def forward(self, x: torch.Tensor, alpha: torch.Tensor | None = None,
-                L: int | None = None) -> torch.Tensor:
-        """x (S, B, L, D), alpha (S, B, L, H) or None -> (S, B, L, D); or x as rows
-        (S, B*L, D) with L given."""
-        L = x.shape[2] if L is None else L
-        return self.out(routed_attention_core(self.qkv(x), alpha, L, self.n_heads))
+        return self.max_inner_iters if self.is_poh else 1
 
 
 class Block(nn.Module):
@@ -177,9 +165,8 @@ class HRMController(nn.Module):
         The fast cell reads [u, z_H] and the router [z_L, z_H]; both are linear in the
         concatenation, so each splits into a z_H part that changes only with z_H.
         """
-        gates, logits = ebaddmm(w.z_H_b, z_H, w.z_H_w).split(
-            [w.gate_bias.shape[-1], w.router_L.shape[-1]], -1)
-        return gates, logits
+        return ebaddmm(w.z_H_b, z_H, w.z_H_w).split(
+            [w.gate_bias.shape[-1], w.router_L.shape[-1]], -1)  # gates, logits
 
     def update_mask(self, t: int, device: torch.device) -> torch.Tensor | None:
         """(S, 1, 1) bool: the members whose z_H updates at iteration t; None when all do.
@@ -300,7 +287,7 @@ class PoHSorter(nn.Module):
         self.pos_emb = nn.Parameter(torch.randn(S, cfg.array_len, d))
         self.encoder = Block(S, d, cfg.n_heads, cfg.d_ff)
         self.controller: nn.Module | None = None
-        if cfg.model == "pot":
+        if cfg.is_poh:
             self.block = Block(S, d, cfg.n_heads, cfg.d_ff)  # one block, iterated
             if cfg.controller == "hrm":
                 self.controller = HRMController(S, d, cfg.d_ctrl, cfg.n_heads,
@@ -336,12 +323,8 @@ class PoHSorter(nn.Module):
         return [p for p in self.parameters() if id(p) not in ctrl]
 
     def encode(self, x: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
-        """x: (S, B, L) scaled values (0 where hidden); obs: (S, B, L) bool -> (S, B, L, d)."""
-        S, B, L = x.shape
-        return self._encode_rows(x, obs).view(S, B, L, -1)
-
-    def _encode_rows(self, x: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
-        """encode() as token rows (S, B*L, d)."""
+        """x: (S, B, L) scaled values (0 where hidden); obs: (S, B, L) bool -> token rows
+        (S, B*L, d)."""
         S, B, L = x.shape
         d = self.pos_emb.shape[-1]
         flag = torch.where(obs.unsqueeze(-1), self.obs_emb[:, None, None, 1],
@@ -356,20 +339,17 @@ class PoHSorter(nn.Module):
                 keep_z_H: bool = False) -> ForwardOut:
         """x: (S, B, L) scaled values; obs: (S, B, L) bool; temperature: a float or (S,), one
         per member (configurations with different schedules train together)."""
-        dt = MATMUL_DTYPES[self.cfg.precision]
-        if dt is None:
-            return self._forward(x, obs, temperature, keep_hidden, keep_z_H)
-        # bf16 operands in every ensemble layer's matmuls, forward and backward (the backward
-        # reads the dtype its forward saw); parameters, gradients and outputs stay FP32.
-        with matmul_dtype(dt):
+        # precision=bf16: bf16 operands in every ensemble layer's matmuls, forward and backward
+        # (the backward reads the dtype its forward saw); parameters, gradients and outputs FP32.
+        with matmul_precision(self.cfg.precision):
             return self._forward(x, obs, temperature, keep_hidden, keep_z_H)
 
     def _forward(self, x: torch.Tensor, obs: torch.Tensor, temperature: float | torch.Tensor,
                  keep_hidden: bool, keep_z_H: bool) -> ForwardOut:
         S, B, L = x.shape
-        z = self._encode_rows(x, obs)  # (S, B*L, d) token rows through the loop
+        z = self.encode(x, obs)  # (S, B*L, d) token rows through the loop
         d = z.shape[-1]
-        if self.cfg.model == "baseline":
+        if not self.cfg.is_poh:
             scores = self.score_head(z).view(1, S, B, L)
             return ForwardOut(scores, z.view(1, S, B, L, d) if keep_hidden else None, None, None)
 
@@ -402,35 +382,3 @@ class PoHSorter(nn.Module):
             torch.stack(z_Hs) if z_Hs else None,
         )
 
-
-def forward_flops(cfg: ModelConfig, batch: int, pointer: bool) -> float:
-    """Matmul FLOPs of one member's forward pass over `batch` samples (2 per multiply-add).
-
-    Counts every linear layer, attention scores and values, the recurrent cells and the readouts;
-    elementwise work (norms, softmax, losses) is left out, as in the usual MFU accounting.
-    """
-    d, L, H, f, c = cfg.d_model, cfg.array_len, cfg.n_heads, cfg.d_ff, cfg.d_ctrl
-    tokens = batch * L
-    block = tokens * (2 * d * 3 * d + 2 * d * d + 2 * 2 * d * f) + batch * 2 * 2 * L * L * d
-    readout = tokens * 2 * d
-    total = block  # the encoder block (the value projection is an elementwise product)
-    if cfg.model == "baseline":
-        total += readout  # the baseline reads scores off the encoder; PoH after each iteration
-    else:
-        if cfg.controller == "hrm":
-            # Every iteration: GRU_L's gates from x (inp composed with ih's token half) and from
-            # z_L, the router on z_L; z_H's part of both cached. Period iterations: GRU_H, then
-            # z_H's part of both, recomputed.
-            per_iter = tokens * (2 * d * 3 * c + 2 * c * 3 * c + 2 * c * H)
-            per_period = tokens * (2 * 3 * (c + c) * c + 2 * c * (3 * c + H))
-            n_period = len(range(0, cfg.max_inner_iters, cfg.hrm_period))
-            ctrl = cfg.max_inner_iters * per_iter + n_period * per_period
-            ctrl += 2 * c * (3 * c + H)  # the initial z_H, projected once for all tokens
-            ctrl += 2 * (d + 1) * c * 3 * c  # inp's weight and bias composed with ih, once
-        else:
-            ctrl = cfg.max_inner_iters * tokens * (2 * d * c + 2 * c * H)
-        total += cfg.max_inner_iters * (block + readout) + ctrl
-    if pointer:
-        n = cfg.n_iters
-        total += n * (tokens * 2 * 2 * d * d + batch * 2 * L * L * d)  # q, k, q@k^T
-    return float(total)

@@ -17,6 +17,22 @@ TOP_KEYS = ("name", "description", "metric", "metric_mode", "scheduler", "asha",
 SCHEDULERS = ("fifo", "asha")
 DIST_TYPES = ("uniform", "loguniform", "int", "choice")
 
+# What a space file may leave out, and the value it then gets (its name: the file's stem).
+FILE_DEFAULTS: dict[str, Any] = {
+    "description": "",
+    "metric": "tau",
+    "metric_mode": "max",
+    "scheduler": "fifo",
+    "asha": {"grace_period": 1, "reduction_factor": 2},
+    "resources": {"cpu": 1, "gpu": 0},  # per trial
+    "max_concurrent": 0,  # 0: as many trials at once as the resources allow
+    "num_samples": 1,
+    "seed": 0,
+    "base": {},  # TrialConfig's defaults
+}
+# What an experiment may leave out: without a sweep it is the base configuration alone.
+EXPERIMENT_DEFAULTS: dict[str, Any] = {"description": "", "sweep": None}
+
 # --smoke: a tiny task with the same structure (SPEC: "a newcomer sees the whole flow in a minute").
 SMOKE_BASE: dict[str, Any] = dict(
     array_len=8, train_samples=64, dev_samples=32, test_samples=32, epochs=3, batch_size=16,
@@ -95,8 +111,9 @@ def _experiments(path: Path, raw: Any, base: TrialConfig) -> tuple[Experiment, .
                          f"{{description, sweep}}, got {raw!r}")
     out = []
     for name, spec in raw.items():
-        spec = _mapping(path, f"experiments.{name}", spec, ("description", "sweep"))
-        sweep = _mapping(path, f"experiments.{name}.sweep", spec.get("sweep"),
+        spec = {**EXPERIMENT_DEFAULTS,
+                **_mapping(path, f"experiments.{name}", spec, tuple(EXPERIMENT_DEFAULTS))}
+        sweep = _mapping(path, f"experiments.{name}.sweep", spec["sweep"],
                          tuple(TrialConfig.__dataclass_fields__))
         if len(sweep) > 1:
             raise _err(path, f"experiments.{name}.sweep: sweeps one key, got {', '.join(sweep)}")
@@ -107,7 +124,7 @@ def _experiments(path: Path, raw: Any, base: TrialConfig) -> tuple[Experiment, .
                                  f"non-empty list of values")
             for v in values:  # type-checked against TrialConfig, with the base config around it
                 _config(path, f"experiments.{name}.sweep.{swept}", {**base.to_dict(), swept: v})
-        out.append(Experiment(str(name), str(spec.get("description", "")), swept,
+        out.append(Experiment(str(name), str(spec["description"]), swept,
                               tuple(values)))
     return tuple(out)
 
@@ -162,27 +179,28 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None,
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise _err(path, "expected a mapping with keys " + ", ".join(TOP_KEYS))
-    raw = _mapping(path, "top level", raw, TOP_KEYS)
-    metric = raw.get("metric", "tau")
+    raw = {**FILE_DEFAULTS, "name": path.stem, **_mapping(path, "top level", raw, TOP_KEYS)}
+    metric = raw["metric"]
     if not isinstance(metric, str) or not metric:
         raise _err(path, f"metric={metric!r}: expected a metric name such as 'tau'")
-    metric_mode = raw.get("metric_mode", "max")
+    metric_mode = raw["metric_mode"]
     if metric_mode not in ("max", "min"):
         raise _err(path, f"metric_mode={metric_mode!r}: expected max or min")
-    scheduler = raw.get("scheduler", "fifo")
+    scheduler = raw["scheduler"]
     if scheduler not in SCHEDULERS:
         raise _err(path, f"scheduler={scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
-    asha = _mapping(path, "asha", raw.get("asha"), ("grace_period", "reduction_factor"))
-    grace = _number(path, "asha.grace_period", asha.get("grace_period", 1), integer=True, low=1)
-    rf = _number(path, "asha.reduction_factor", asha.get("reduction_factor", 2), integer=True,
-                 low=2)
-    res = _mapping(path, "resources", raw.get("resources"), ("cpu", "gpu"))
-    cpu = _number(path, "resources.cpu", res.get("cpu", 1), low=0, inclusive=False)
-    gpu = _number(path, "resources.gpu", res.get("gpu", 0), low=0)
-    max_conc = _number(path, "max_concurrent", raw.get("max_concurrent", 0), integer=True)
-    num_samples = _number(path, "num_samples", raw.get("num_samples", 1), integer=True, low=1)
-    seed = _number(path, "seed", raw.get("seed", 0), integer=True)
-    base_raw = raw.get("base") or {}
+    asha = {**FILE_DEFAULTS["asha"], **_mapping(path, "asha", raw["asha"],
+                                                 tuple(FILE_DEFAULTS["asha"]))}
+    grace = _number(path, "asha.grace_period", asha["grace_period"], integer=True, low=1)
+    rf = _number(path, "asha.reduction_factor", asha["reduction_factor"], integer=True, low=2)
+    res = {**FILE_DEFAULTS["resources"], **_mapping(path, "resources", raw["resources"],
+                                                     tuple(FILE_DEFAULTS["resources"]))}
+    cpu = _number(path, "resources.cpu", res["cpu"], low=0, inclusive=False)
+    gpu = _number(path, "resources.gpu", res["gpu"], low=0)
+    max_conc = _number(path, "max_concurrent", raw["max_concurrent"], integer=True)
+    num_samples = _number(path, "num_samples", raw["num_samples"], integer=True, low=1)
+    seed = _number(path, "seed", raw["seed"], integer=True)
+    base_raw = raw["base"] or {}
     if not isinstance(base_raw, dict):
         raise _err(path, f"base: expected a mapping of config keys, got {base_raw!r}")
     base = _config(path, "base", base_raw)
@@ -198,7 +216,7 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None,
             raise _err(path, f"{clash[0]} is swept by this space; it cannot be overridden")
         base = _config(path, "override", {**base.to_dict(), **overrides})
     search = _search(path, raw["search"], base) if "search" in raw else {}
-    return Space(path.resolve(), str(raw.get("name", path.stem)), str(raw.get("description", "")),
+    return Space(path.resolve(), str(raw["name"]), str(raw["description"]),
                  metric, metric_mode, scheduler, grace, rf, float(cpu), float(gpu), max_conc,
                  num_samples, seed, base, experiments, search)
 

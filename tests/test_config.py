@@ -50,6 +50,26 @@ def test_bad_values_name_key_value_and_allowed(d, words):
         assert w in str(e.value)
 
 
+@pytest.mark.parametrize("d, message", [
+    ({"array_len": 513}, "array_len=513: must be in [2, 512]"),
+    ({"mask_rate": -0.1}, "mask_rate=-0.1: must be in [0.0, 1.0)"),
+    ({"temperature_decay": 0.0}, "temperature_decay=0.0: must be in (0.0, 1.0]"),
+    ({"temperature_init": 0}, "temperature_init=0.0: must be > 0.0"),
+    ({"weight_decay": -1e-3}, "weight_decay=-0.001: must be >= 0.0"),
+    ({"threads": -1}, "threads=-1: must be >= 0"),
+    ({"batch_size": 0}, "batch_size=0: must be >= 1"),
+    ({"model": "pots"}, "model='pots': expected one of baseline, pot"),
+    ({"cuda_graphs": 1}, "cuda_graphs=1: expected one of auto, off"),
+    ({"entropy_reg": "x"}, "entropy_reg='x': expected a number"),
+])
+def test_the_allowed_values_of_a_key_are_its_fields_and_say_so(d, message):
+    """Each key's choices and range are declared with its default (TrialConfig's fields);
+    the message states them exactly."""
+    with pytest.raises(ConfigError) as e:
+        from_dict(d)
+    assert str(e.value) == message
+
+
 def test_yaml_file_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: [1, 2\n")
@@ -81,8 +101,9 @@ def test_truncated_gradient_without_deep_supervision_is_refused():
 
 def test_precision_is_a_model_key_and_not_packable():
     from poh_tune.config import PACK_SHAREABLE, pack_key
+    from poh_tune.model import ModelConfig
 
     c = from_dict({"precision": "bf16"})
-    assert c.precision == "bf16" and c.model_part()["precision"] == "bf16"
+    assert c.precision == "bf16" and ModelConfig.from_trial(c).precision == "bf16"
     assert "precision" not in PACK_SHAREABLE
     assert pack_key(c) != pack_key(c.replace(precision="fp32"))

@@ -9,18 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck
 
-import poh_tune.ensemble
 from poh_tune.ensemble import (
     EGRUCell,
     ELayerNorm,
     ELinear,
+    RoutedAttention,
     _EnsembleLayerNorm,
     _EnsembleLinear,
     _GRUGates,
-    _split,
     ebaddmm,
     routed_attention_core,
 )
+from poh_tune.matmul import cpu_split, matmul_dtype, operand_dtype, split_point
 
 
 def rand(*shape, seed=0, grad=True):
@@ -30,18 +30,18 @@ def rand(*shape, seed=0, grad=True):
 
 @pytest.mark.parametrize("S", [1, 2, 3, 5])
 @pytest.mark.parametrize("full_base", [False, True])
-def test_ensemble_matmul_equals_a_per_member_loop_with_gradients(S, full_base, monkeypatch,
+def test_ensemble_matmul_equals_a_per_member_loop_with_gradients(S, full_base,
                                                                  two_torch_threads):
     """On 2 CPU threads, 3 and 5 members take the split path (whole rounds through bmm, the rest
     one at a time); its output and all three gradients must equal plain per-member matmuls."""
-    monkeypatch.setattr(poh_tune.ensemble, "SPLIT_MIN_MACS", 0)  # split even these tiny matmuls
-    assert (_split(S, torch.device("cpu"), 7, 6, 4) < S) == (S % 2 == 1 and S > 1)
     g = torch.Generator().manual_seed(S)
     x = torch.randn(S, 7, 6, generator=g, requires_grad=True)
     w = torch.randn(S, 10, 4, generator=g)[:, 2:8].requires_grad_()  # a strided slice
     b = torch.randn(S, 7 if full_base else 1, 4, generator=g, requires_grad=True)
     gy = torch.randn(S, 7, 4, generator=g)
-    y = ebaddmm(b, x, w)
+    with cpu_split(0):  # split even these tiny matmuls
+        assert (split_point(S, torch.device("cpu"), 7, 6, 4) < S) == (S % 2 == 1 and S > 1)
+        y = ebaddmm(b, x, w)
     grads = torch.autograd.grad(y, (x, w, b), gy)
     ref = torch.stack([b[s] + x[s] @ w[s] for s in range(S)])  # one member at a time
     ref_grads = torch.autograd.grad(ref, (x, w, b), gy)
@@ -55,14 +55,15 @@ def test_ensemble_matmul_equals_a_per_member_loop_with_gradients(S, full_base, m
 @pytest.mark.parametrize("full_base", [False, True])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("split", [False, True])
-def test_linear_gradcheck(S, full_base, relu, split, monkeypatch, two_torch_threads):
+def test_linear_gradcheck(S, full_base, relu, split, two_torch_threads):
     """x with two leading row dims (flattened inside), W a strided slice; with `split`, 3
     members take the bmm + per-member path."""
-    monkeypatch.setattr(poh_tune.ensemble, "SPLIT_MIN_MACS", 0 if split else 1 << 62)
     x = rand(S, 2, 3, 4, seed=1)
     w = rand(S, 6, 5, seed=2, grad=False)[:, 1:5].requires_grad_()  # (S, 4, 5), strided
     b = rand(S, 6 if full_base else 1, 5, seed=3)
-    n = _split(S, x.device, 6, 4, 5)
+    with cpu_split(0 if split else None):
+        n = split_point(S, x.device, 6, 4, 5)
+    assert n == (2 if split and S == 3 else S)
     assert gradcheck(lambda x, w, b: _EnsembleLinear.apply(x, w, b, n, relu), (x, w, b))
 
 
@@ -136,6 +137,22 @@ def test_ensemble_gru_cell_equals_torch_gru_cell_with_gradients():
         assert torch.allclose(got[2][s], want[2].T, atol=1e-5)
         assert torch.allclose(got[3][s], want[3].T, atol=1e-5)
         assert torch.allclose(got[4][s, 0], want[4], atol=1e-5)
+
+
+def test_routed_attention_equals_a_per_head_loop():
+    torch.manual_seed(0)
+    att = RoutedAttention(1, 16, 4)
+    x = torch.randn(1, 3, 6, 16)
+    alpha = torch.softmax(torch.randn(1, 3, 6, 4), -1)
+    W, b = att.qkv.weight[0], att.qkv.bias[0]
+    q, k, v = (x[0] @ W + b).split(16, dim=-1)
+    heads = []
+    for h in range(4):  # the reference: one head at a time
+        sl = slice(4 * h, 4 * h + 4)
+        a = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(4), -1)
+        heads.append((a @ v[..., sl]) * alpha[0, ..., h: h + 1])
+    ref = torch.cat(heads, -1) @ att.out.weight[0] + att.out.bias[0]
+    assert torch.allclose(att(x, alpha)[0], ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("S", [1, 2])
@@ -213,11 +230,9 @@ def test_attention_scale_is_one_over_root_head_size():
         assert torch.allclose(y[:, sl], p @ v[:, sl], atol=1e-6)
 
 
-def test_bf16_matmuls_stay_close_to_fp32_with_fp32_outputs_and_gradients(two_torch_threads,
-                                                                         monkeypatch):
+def test_bf16_matmuls_stay_close_to_fp32_with_fp32_outputs_and_gradients(two_torch_threads):
     """precision=bf16: every layer's products and gradients come back in FP32, close to the FP32
     path at a bf16 tolerance, on both the bmm and the split path (3 members on 2 threads)."""
-    monkeypatch.setattr(poh_tune.ensemble, "SPLIT_MIN_MACS", 0)
     # The layer's init comes from the global RNG: seeded, so the draw does not depend on which
     # tests ran before (over init seeds 0-7 the relative errors were 0.2-0.5 %, up to 2.5 % where
     # a ReLU input sits at its kink; an unseeded run once reached 11 %).
@@ -230,14 +245,31 @@ def test_bf16_matmuls_stay_close_to_fp32_with_fp32_outputs_and_gradients(two_tor
     gy = torch.randn(S, 4, L, D, generator=g)
 
     def run(dtype):
-        with poh_tune.ensemble.matmul_dtype(dtype):
+        with cpu_split(0), matmul_dtype(dtype):
             y = routed_attention_core(lin(x, relu=True), alpha, L, H)
         grads = torch.autograd.grad(y, (x, alpha, lin.weight, lin.bias), gy)
         return y, grads
 
     y32, g32 = run(None)
     y16, g16 = run(torch.bfloat16)
-    assert poh_tune.ensemble._MM_DTYPE is None  # restored after the block
+    assert operand_dtype() is None  # restored after the block
     for a, b in zip((y32, *g32), (y16, *g16), strict=True):
         assert b.dtype == torch.float32 and torch.isfinite(b).all()
         assert (a - b).norm() <= 0.03 * a.norm()
+
+
+def test_cpu_split_is_a_setting_restored_after_its_block(two_torch_threads):
+    """The split's threshold: the default splits a large matmul (5 members on 2 threads: 4 in
+    one bmm, 1 alone) and not a small one; cpu_split changes it inside its block only, also
+    when the block raises."""
+    big, small = (5, torch.device("cpu"), 640, 128, 384), (5, torch.device("cpu"), 8, 8, 8)
+    assert split_point(*big) == 4 and split_point(*small) == 5
+    with cpu_split(None):
+        assert split_point(*big) == 5
+        with cpu_split(0):
+            assert split_point(*small) == 4
+        assert split_point(*small) == 5
+    with pytest.raises(RuntimeError), cpu_split(None):
+        raise RuntimeError
+    assert split_point(*big) == 4
+    assert split_point(5, torch.device("meta"), 640, 128, 384) == 5  # CPU only

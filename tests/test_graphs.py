@@ -20,14 +20,14 @@ def test_a_failed_capture_warns_once_and_training_stays_eager(tiny_cfg):
 
     eager = TrialRunner(tiny_cfg, "cpu")
     runner = TrialRunner(tiny_cfg, "cpu")
-    runner._graphed_step = GraphedFunction(runner._train_step, runner.device, True,
-                                           "training step", capture=failing_capture)
+    runner.graphed_step = GraphedFunction(runner._train_step, runner.device, True,
+                                          "training step", capture=failing_capture)
     with pytest.warns(RuntimeWarning, match="capture of the training step failed "
                                             r"\(RuntimeError: operation not permitted"):
         got = runner.run_epoch()
     ref = eager.run_epoch()
     assert attempts == [3]  # once, with idx, temperatures and entropy weights as its buffers
-    assert runner._graphed_step.n_graphs == 0 and not runner._graphed_step.enabled
+    assert runner.graphed_step.n_graphs == 0 and not runner.graphed_step.enabled
     got2, ref2 = runner.run_epoch(), eager.run_epoch()  # no second attempt, no second warning
     assert attempts == [3]
     for k in ("train_loss", "tau", "test_tau"):
@@ -35,10 +35,10 @@ def test_a_failed_capture_warns_once_and_training_stays_eager(tiny_cfg):
 
 
 def test_graphs_are_off_on_cpu_and_when_asked(tiny_cfg):
-    assert not TrialRunner(tiny_cfg, "cpu")._graphed_step.enabled
+    assert not TrialRunner(tiny_cfg, "cpu").graphed_step.enabled
     if torch.cuda.is_available():
-        assert TrialRunner(tiny_cfg, "cuda")._graphed_step.enabled
-        assert not TrialRunner(tiny_cfg.replace(cuda_graphs="off"), "cuda")._graphed_step.enabled
+        assert TrialRunner(tiny_cfg, "cuda").graphed_step.enabled
+        assert not TrialRunner(tiny_cfg.replace(cuda_graphs="off"), "cuda").graphed_step.enabled
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -54,5 +54,5 @@ def test_graphed_training_equals_eager_on_cuda(tiny_cfg, kw):
         got, ref = graphed.run_epoch(), eager.run_epoch()
         for k in ("train_loss", "tau", "tau_all", "best_tau", "test_tau"):
             assert got[k] == pytest.approx(ref[k], abs=2e-4), k
-    assert graphed._graphed_step.n_graphs >= 1 and graphed._graphed_step.failure is None
-    assert graphed._graphed_eval.n_graphs >= 1 and graphed._graphed_eval.failure is None
+    assert graphed.graphed_step.n_graphs >= 1 and graphed.graphed_step.failure is None
+    assert graphed.evaluator.graphed.n_graphs >= 1 and graphed.evaluator.graphed.failure is None

@@ -5,7 +5,8 @@ from poh_tune import losses
 from poh_tune.data import make_split
 from poh_tune.metrics import kendall_tau
 
-SCORE_LOSSES = [losses.ranknet_loss, losses.listnet_loss, losses.soft_sort_loss, losses.combined_loss]
+# The score losses as the trainer calls them: losses.SCORE_LOSSES[cfg.loss], per sample.
+SCORE_LOSS_NAMES = list(losses.SCORE_LOSSES)
 
 
 @pytest.fixture
@@ -13,27 +14,47 @@ def batch():
     return make_split(16, 20, 0.5, seed=3)
 
 
-@pytest.mark.parametrize("loss_fn", SCORE_LOSSES)
-def test_perfect_beats_reversed_and_has_gradient(loss_fn, batch):
+def test_every_score_loss_of_the_config_has_an_implementation():
+    from poh_tune.config import CHOICES
+
+    assert set(SCORE_LOSS_NAMES) == set(CHOICES["loss"]) - {"pointer_ce"}
+
+
+@pytest.mark.parametrize("name", SCORE_LOSS_NAMES)
+def test_perfect_beats_reversed_and_has_gradient(name, batch):
+    loss_fn = losses.SCORE_LOSSES[name]
     perfect = batch.ranks.float().requires_grad_()
     reversed_ = (-batch.ranks.float()).requires_grad_()
     # Orientation: scores ordered like the values give τ = 1.
     assert torch.equal(kendall_tau(perfect.detach(), batch.ranks, batch.obs_mask), torch.ones(16))
     lp = loss_fn(perfect, batch.ranks, batch.obs_mask)
     lr = loss_fn(reversed_, batch.ranks, batch.obs_mask)
-    assert lp.ndim == 0 and torch.isfinite(lp) and torch.isfinite(lr)
-    assert lp.item() < lr.item()
+    assert lp.shape == lr.shape == (16,)  # one loss per sample
+    assert torch.isfinite(lp).all() and torch.isfinite(lr).all()
+    assert lp.mean().item() < lr.mean().item()
     noisy = torch.randn(16, 20, requires_grad=True)
-    loss_fn(noisy, batch.ranks, batch.obs_mask).backward()
+    loss_fn(noisy, batch.ranks, batch.obs_mask).mean().backward()
     assert torch.isfinite(noisy.grad).all() and noisy.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("loss_fn", SCORE_LOSSES)
-def test_observed_mask_ignores_hidden_positions(loss_fn, batch):
+@pytest.mark.parametrize("name", SCORE_LOSS_NAMES)
+def test_observed_mask_ignores_hidden_positions(name, batch):
     scores = torch.randn(16, 20, requires_grad=True)
-    loss_fn(scores, batch.ranks, batch.obs_mask).backward()
+    losses.SCORE_LOSSES[name](scores, batch.ranks, batch.obs_mask).mean().backward()
     assert torch.all(scores.grad[~batch.obs_mask] == 0)
     assert scores.grad[batch.obs_mask].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", SCORE_LOSS_NAMES)
+def test_every_iteration_against_one_target_equals_each_alone(name, batch):
+    """The trainer scores all inner iterations (T, N, L) against one set of targets (N, L) in
+    one call: the targets broadcast, and iteration t's losses equal scoring it alone."""
+    scores = torch.randn(3, 16, 20)
+    together = losses.SCORE_LOSSES[name](scores, batch.ranks, batch.obs_mask)
+    assert together.shape == (3, 16)
+    for t in range(3):
+        alone = losses.SCORE_LOSSES[name](scores[t], batch.ranks, batch.obs_mask)
+        torch.testing.assert_close(together[t], alone, rtol=1e-6, atol=1e-7)
 
 
 def test_ranknet_matches_pairwise_bce_by_hand():
@@ -48,7 +69,9 @@ def test_ranknet_matches_pairwise_bce_by_hand():
             if i != j:
                 p = sig(s[0, i] - s[0, j])
                 terms.append(-torch.log(p) if r[0, i] > r[0, j] else -torch.log(1 - p))
-    assert losses.ranknet_loss(s, r, obs).item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-6)
+    got = losses.SCORE_LOSSES["ranknet"](s, r, obs)
+    assert got.shape == (1,)
+    assert got.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-6)
 
 
 def test_pointer_ce_is_finite_and_prefers_the_target(batch):

@@ -1,4 +1,4 @@
-"""Packing grid configurations into one trial (issue 11): grouping, refusals, and equal results."""
+"""Packing grid configurations into one trial: grouping, refusals, and equal results."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ WRAPPER = ("import sys\nfrom poh_tune.launch import main\ntry:\n    rc = main(sy
            "sys.exit(rc)\n")
 
 
-# --- grouping -------------------------------------------------------------------------------------
 def test_packs_hold_only_equal_shapes_at_most_n_in_first_seen_order(tiny_cfg):
     base = tiny_cfg
     # shapes: max_inner_iters differs (not shareable); entropy_reg / lr_encoder / hrm_period
@@ -56,7 +55,6 @@ def test_document_grid_packs():
     assert [len(p) for p in pack_variants(space.base, variants, 3)] == [1, 3, 1, 1, 1, 3, 1]
 
 
-# --- refusals -------------------------------------------------------------------------------------
 TINY_BASE = dict(array_len=4, train_samples=16, dev_samples=8, test_samples=8, epochs=1,
                  batch_size=16, max_inner_iters=1, hrm_period=1, d_model=8, n_heads=2, d_ff=8,
                  d_ctrl=4, seeds=[1], controller_warmup_epochs=0)
@@ -112,7 +110,6 @@ def test_pack_off_and_auto_are_fine_with_asha_and_optuna(tmp_path):
     assert resolve(args)[2]["pack"] == CPU_DEFAULT_PACK
 
 
-# --- packed and unpacked runs agree ---------------------------------------------------------------
 def _launch(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "poh_tune.launch", *args], capture_output=True,
                           text=True, timeout=timeout)

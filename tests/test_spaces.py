@@ -104,3 +104,23 @@ def test_missing_file_and_swept_override(tmp_path):
     with pytest.raises(ConfigError, match="max_inner_iters is swept"):
         load_space(p, overrides={"max_inner_iters": 3})
     assert load_space(p, overrides={"epochs": 5}).base.epochs == 5
+
+
+def test_what_a_file_leaves_out_takes_the_file_defaults(tmp_path):
+    from poh_tune.config import TrialConfig
+    from poh_tune.spaces import FILE_DEFAULTS
+
+    space = load_space(_write(tmp_path, "experiments: {a: {}}\n"))
+    assert space.name == "space" and space.description == ""  # the file's stem
+    assert (space.metric, space.metric_mode, space.scheduler) == ("tau", "max", "fifo")
+    assert (space.grace_period, space.reduction_factor) == (1, 2)
+    assert (space.cpu, space.gpu, space.max_concurrent, space.num_samples, space.seed) == (
+        1.0, 0.0, 0, 1, 0)
+    assert space.base == TrialConfig()
+    assert space.experiments[0].swept is None and space.experiments[0].description == ""
+    assert {k: getattr(space, k) for k in ("metric", "scheduler", "num_samples")} == {
+        k: FILE_DEFAULTS[k] for k in ("metric", "scheduler", "num_samples")}
+    # a nested mapping given in part keeps the defaults of the keys it leaves out
+    part = load_space(_write(tmp_path, "asha: {reduction_factor: 3}\nresources: {gpu: 0.5}\n"
+                                       "experiments: {a: {}}\n"))
+    assert (part.grace_period, part.reduction_factor, part.cpu, part.gpu) == (1, 3, 1.0, 0.5)

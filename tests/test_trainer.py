@@ -56,7 +56,7 @@ def _controller_grad(cfg, entropy_reg):
     x, obs = d.inputs()
     out = t.model(x[:, :16], obs[:, :16], 1.0)
     b = SortData(d.values[:, :16], d.obs_mask[:, :16], d.perm[:, :16], d.ranks[:, :16])
-    loss, _ = t._loss(out, b, torch.full((1,), entropy_reg))
+    loss, _ = t.loss_fn(out, b, torch.full((1,), entropy_reg))
     loss.sum().backward()
     return torch.cat([p.grad.flatten() for p in t.ctrl_params])
 
@@ -131,18 +131,17 @@ def test_member_adamw_equals_torch_adamw_per_member_and_frozen_members_stay():
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["bmm", "split-matmul"])
-def test_seeds_trained_together_equal_each_seed_alone(tiny_cfg, split, monkeypatch,
-                                                     two_torch_threads):
-    import poh_tune.ensemble
+def test_seeds_trained_together_equal_each_seed_alone(tiny_cfg, split, two_torch_threads):
+    from poh_tune.matmul import cpu_split
 
     # 3 members on 2 threads: with the split, 2 through bmm and 1 alone (the path 5 seeds on
     # this 2-core machine take); without it, all 3 through one bmm.
-    monkeypatch.setattr(poh_tune.ensemble, "SPLIT_MIN_MACS", 0 if split else 1 << 62)
     cfg = tiny_cfg.replace(seeds=[1, 2, 3], epochs=3, threads=2)
     together = TrialRunner(cfg)
     alone = {s: TrialRunner(cfg.replace(seeds=[s])) for s in (1, 3)}
     for _ in range(3):
-        per = together.run_epoch_per_seed()
+        with cpu_split(0 if split else None):
+            per = together.run_epoch_per_seed()
         for idx, s in ((0, 1), (2, 3)):
             ref = alone[s].run_epoch_per_seed()[0]
             for k in ("train_loss", "tau", "tau_all", "best_tau", "test_tau", "herfindahl"):
