@@ -18,6 +18,7 @@ from poh_tune.metrics import (
     sort_accuracy,
 )
 from poh_tune.model import PoHSorter
+from poh_tune.record import ALPHA, PER_ITERATION, PER_SEED, SEED_KEYS
 
 # Tokens per evaluation chunk, over all members: a chunk's activations stay in cache, so five
 # members evaluate in chunks of a fifth as many samples (measured: about 6 % faster at 5 members).
@@ -68,12 +69,10 @@ class Evaluator:
         for key, total in sums.items():
             v = (total / N).cpu()
             for s in range(S):
-                if key in ("tau_iter", "entropy_iter"):
-                    res[s].update({f"{key}_{t}": val for t, val in enumerate(v[:, s].tolist())})
+                if key in PER_ITERATION:
+                    res[s][key] = v[:, s].tolist()  # (T,)
                 elif key == "alpha_mean":  # for the report's (iteration x head) heatmap
-                    res[s].update({f"alpha_iter_{t}_head_{h}": val
-                                   for t, row in enumerate(v[:, :, s].tolist())
-                                   for h, val in enumerate(row)})
+                    res[s][ALPHA] = v[:, :, s].tolist()  # (T, H)
                 else:
                     res[s][key] = v[s].item()
         for r in res:
@@ -124,8 +123,17 @@ class Evaluator:
         return sums
 
 
+def _mean(vals: list[Any]) -> Any:
+    """The mean of numbers, or the elementwise mean of equally shaped (nested) lists."""
+    if isinstance(vals[0], list):
+        return [_mean(list(col)) for col in zip(*vals, strict=True)]
+    return sum(vals) / len(vals)
+
+
 def aggregate(per_seed: list[dict[str, Any]], seeds: list[int] | tuple[int, ...]) -> dict[str, Any]:
-    """Means over seeds of every metric, plus per-seed τ and 95 % CI half-widths of τ."""
+    """A configuration's record from its seeds' records: means over seeds of every metric
+    (per-iteration lists elementwise), each seed's own τ values (record.PER_SEED) and 95 % CI
+    half-widths of τ."""
     out: dict[str, Any] = {}
     for k, v0 in per_seed[0].items():
         vals = [m[k] for m in per_seed]
@@ -134,18 +142,13 @@ def aggregate(per_seed: list[dict[str, Any]], seeds: list[int] | tuple[int, ...]
                                      [m["max_alpha"] for m in per_seed])
         elif isinstance(v0, bool):
             out[k] = all(vals)
-        elif isinstance(v0, (int, float)):
-            out[k] = sum(vals) / len(vals)
+        elif isinstance(v0, (int, float, list)):
+            out[k] = _mean(vals)
     out["epoch"] = per_seed[0]["epoch"]
     out["epoch_s"] = max(m["epoch_s"] for m in per_seed)  # seeds train together
-    for s, m in zip(seeds, per_seed, strict=True):
-        # NaN where a seed has no test metrics yet: its dev τ never improved (it is NaN).
-        out[f"tau_seed_{s}"] = m["tau"]
-        out[f"test_tau_seed_{s}"] = m.get("test_tau", float("nan"))
-        # Per-seed values the report needs for its confidence intervals.
-        out[f"tau_all_seed_{s}"] = m.get("tau_all", float("nan"))
-        out[f"test_tau_all_seed_{s}"] = m.get("test_tau_all", float("nan"))
-        out[f"test_perfect_sort_seed_{s}"] = m.get("test_perfect_sort", float("nan"))
+    # NaN where a seed has no test metrics yet: its dev τ never improved (it is NaN).
+    out[PER_SEED] = [{"seed": s, **{k: m.get(k, float("nan")) for k in SEED_KEYS}}
+                     for s, m in zip(seeds, per_seed, strict=True)]
     for k in ("tau", "test_tau", "tau_all", "test_tau_all"):
         if k in per_seed[0]:
             out[f"{k}_ci95"] = mean_ci95([m[k] for m in per_seed])[1]

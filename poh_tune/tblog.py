@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any
 
-# Flat metric keys (metrics.jsonl, results.csv) -> "group/name" TensorBoard tags. TensorBoard
+from poh_tune.record import ALPHA, PER_ITERATION, PER_SEED
+
+# Scalar metrics of an epoch's record -> "group/name" TensorBoard tags. TensorBoard
 # makes one card group per text before the first "/", so a trial shows about ten groups instead
 # of 50 loose cards. Keys not listed here fall into the patterns of `tb_tag`.
 TAGS = {
@@ -34,45 +35,49 @@ HPARAMS_METRICS = (
     (EPOCHS_DONE_TAG, "epochs trained (fewer than `epochs`: ASHA stopped the trial)"),
     (STOPPED_EARLY_TAG, "1 if the scheduler stopped the trial before its last epoch"),
 )
-_ITER = re.compile(r"^(tau|entropy)_iter_(\d+)$")
-_ALPHA = re.compile(r"^alpha_iter_(\d+)_head_(\d+)$")
-_SEED = re.compile(r"^(.+)_seed_(\d+)$")
-_CI = re.compile(r"^(.+)_ci95$")
+_CI = "_ci95"
 
 
-def tb_tag(key: str, iter_width: int = 2) -> str | None:
-    """The grouped TensorBoard tag of a flat metric key; None for the step itself ("epoch").
-
-    Inner iterations and heads are numbered from 1, as in the report's plots, and iterations are
-    zero-padded to `iter_width` digits so that TensorBoard's text sort keeps their order.
-    """
+def tb_tag(key: str) -> str | None:
+    """The grouped TensorBoard tag of a scalar metric of the record; None for the step itself
+    ("epoch"). Per-iteration and per-seed values are tagged by `tb_scalars`."""
     if key == "epoch":
         return None
     if key in TAGS:
         return TAGS[key]
-    if m := _ITER.match(key):
-        return f"{m[1]}/iter_{int(m[2]) + 1:0{iter_width}d}"
-    if m := _ALPHA.match(key):
-        return f"alpha/iter_{int(m[1]) + 1:0{iter_width}d}_head_{int(m[2]) + 1}"
     if key.startswith("train_loss_"):
         return f"loss/train_{key[len('train_loss_'):]}"
-    if m := _SEED.match(key):
-        return f"seeds/{m[1]}_seed_{m[2]}"
-    if m := _CI.match(key):
-        return f"ci95/{m[1]}"
+    if key.endswith(_CI):
+        return f"ci95/{key[:-len(_CI)]}"
     return f"other/{key}"
 
 
-def tb_scalars(metrics: dict[str, Any], max_inner_iters: int) -> dict[str, float]:
-    """Finite numeric metrics of one epoch under their grouped tags, plus trial/epochs_done."""
+def tb_scalars(record: dict[str, Any], max_inner_iters: int) -> dict[str, float]:
+    """Finite numeric values of one epoch's record (poh_tune.record) under grouped tags, plus
+    trial/epochs_done.
+
+    Inner iterations and heads are numbered from 1, as in the report's plots, and iterations are
+    zero-padded so that TensorBoard's text sort keeps their order: tau_iter -> tau/iter_01, ...;
+    alpha -> alpha/iter_01_head_1, ...; per_seed -> seeds/<metric>_seed_<seed>.
+    """
     width = max(2, len(str(max_inner_iters)))
-    out: dict[str, float] = {}
-    for k, v in metrics.items():
-        tag = tb_tag(k, width)
-        if tag is not None and isinstance(v, (int, float)) and math.isfinite(float(v)):
-            out[tag] = float(v)
-    if "epoch" in metrics:
-        out[EPOCHS_DONE_TAG] = float(metrics["epoch"])
+    tagged: list[tuple[str | None, Any]] = []
+    for k, v in record.items():
+        if k in PER_ITERATION:
+            group = k[:-len("_iter")]
+            tagged += [(f"{group}/iter_{t + 1:0{width}d}", x) for t, x in enumerate(v)]
+        elif k == ALPHA:
+            tagged += [(f"alpha/iter_{t + 1:0{width}d}_head_{h + 1}", x)
+                       for t, row in enumerate(v) for h, x in enumerate(row)]
+        elif k == PER_SEED:
+            tagged += [(f"seeds/{name}_seed_{m['seed']}", x)
+                       for m in v for name, x in m.items() if name != "seed"]
+        else:
+            tagged.append((tb_tag(k), v))
+    out = {tag: float(v) for tag, v in tagged
+           if tag is not None and isinstance(v, (int, float)) and math.isfinite(float(v))}
+    if "epoch" in record:
+        out[EPOCHS_DONE_TAG] = float(record["epoch"])
     return out
 
 

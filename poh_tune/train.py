@@ -14,11 +14,12 @@ from tqdm import tqdm
 
 from poh_tune.config import ConfigError, load_config, save_config
 from poh_tune.metrics import mean_ci95
+from poh_tune.record import seed_value
 from poh_tune.trainer import TrainingDiverged, TrialRunner
 
 
 def summary_line(last: dict, seeds) -> str:
-    tests = [last[f"test_tau_seed_{s}"] for s in seeds]
+    tests = [seed_value(last, "test_tau", s) for s in seeds]
     m, hw = mean_ci95(tests)
     per_seed = ", ".join(f"{s}: {v:.4f}" for s, v in zip(seeds, tests, strict=True))
     ci = (f"± {hw:.4f} (95 % CI, {len(tests)} seeds" if len(tests) > 1

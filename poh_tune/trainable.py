@@ -17,6 +17,7 @@ from ray import tune
 
 from poh_tune.config import TrialConfig, from_dict
 from poh_tune.io import atomic_write_bytes, atomic_write_text, read_metrics
+from poh_tune.record import flat
 from poh_tune.spaces import canonical
 from poh_tune.tblog import tb_scalars, write_session_start
 from poh_tune.trainer import TrainingDiverged, TrialRunner
@@ -148,11 +149,11 @@ def report_epoch(runner: TrialRunner, report: dict[str, Any], checkpoint_due: bo
     if due:
         save_state(runner, state_file)
     if durable or not due:
-        tune.report(report)
+        tune.report(flat(report))
         return
     with tempfile.TemporaryDirectory() as tmp:
         runner.save(Path(tmp) / CKPT_FILE)
-        tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
+        tune.report(flat(report), checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
 def crash_if_asked(folder: Path, epoch: int, crash_after: int) -> None:
@@ -212,7 +213,7 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
         # result, so the last epoch's row is reported once more (it is not logged again).
         files.close()
         rows = read_metrics(files.metrics_file)
-        tune.report({**(rows[-1] if rows else {"epoch": runner.epoch}), **extra()})
+        tune.report(flat({**(rows[-1] if rows else {"epoch": runner.epoch}), **extra()}))
         return
     try:
         while not runner.done:
@@ -302,7 +303,7 @@ def train_pack(config: dict[str, Any], base: dict[str, Any],
         for f in files:
             f.close()
         last = [(read_metrics(f.metrics_file) or [{"epoch": runner.epoch}])[-1] for f in files]
-        tune.report(pack_report(last))
+        tune.report(flat(pack_report(last)))
         return
     try:
         while not runner.done:

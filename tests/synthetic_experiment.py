@@ -37,21 +37,17 @@ def write_trial(root: Path, trial_id: str, config: dict, experiments: list[str],
     lines = []
     for e in range(n_epochs):
         row = {"epoch": e + 1, "trial_id": trial_id, "tau": float(dev[e].mean())}
-        for i, s in enumerate(SEEDS):
-            row[f"tau_seed_{s}"] = float(dev[e, i])
-            row[f"tau_all_seed_{s}"] = float(dev[e, i] / 2)
-            # Earlier epochs carry other test values; only the last row's count.
-            for k, v in final.items():
-                row[f"{k}_seed_{s}"] = v[i] if e == n_epochs - 1 else -1.0
+        # Earlier epochs carry other test values; only the last row's count.
+        row["per_seed"] = [{"seed": s, "tau": float(dev[e, i]), "tau_all": float(dev[e, i] / 2),
+                            **{k: v[i] if e == n_epochs - 1 else -1.0 for k, v in final.items()}}
+                           for i, s in enumerate(SEEDS)]
         for k, v in final.items():
             row[k] = float(np.mean(v)) if e == n_epochs - 1 else -1.0
         row["best_tau"] = float(dev[: e + 1].max(0).mean())
         if config["model"] == "pot":
-            for t in range(N_ITERS):
-                row[f"tau_iter_{t}"] = 0.3 + 0.1 * t
-                row[f"entropy_iter_{t}"] = 1.2 - 0.1 * t
-                for h in range(N_HEADS):
-                    row[f"alpha_iter_{t}_head_{h}"] = 0.25
+            row["tau_iter"] = [0.3 + 0.1 * t for t in range(N_ITERS)]
+            row["entropy_iter"] = [1.2 - 0.1 * t for t in range(N_ITERS)]
+            row["alpha"] = [[0.25] * N_HEADS for _ in range(N_ITERS)]
             row["herfindahl"] = 0.3 if healthy else 0.8
             row["max_alpha"] = 0.45 if healthy else 0.9
             row["routing_healthy"] = healthy

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from poh_tune.record import flat
 from poh_tune.tblog import (
     EPOCHS_DONE_TAG,
     STOPPED_EARLY_TAG,
@@ -21,18 +22,23 @@ from poh_tune.trainer import TrialRunner
 
 def test_tags_are_grouped_numbered_from_one_and_sort():
     assert tb_tag("tau") == "tau/dev"
-    assert tb_tag("tau_iter_0") == "tau/iter_01"
-    assert tb_tag("entropy_iter_11") == "entropy/iter_12"
-    assert tb_tag("alpha_iter_2_head_0") == "alpha/iter_03_head_1"
     assert tb_tag("train_loss") == "loss/train" and tb_tag("train_loss_rank") == "loss/train_rank"
     assert tb_tag("herfindahl") == "routing/herfindahl"
-    assert tb_tag("test_tau_seed_3") == "seeds/test_tau_seed_3"
     assert tb_tag("tau_ci95") == "ci95/tau"
     assert tb_tag("epoch") is None
-    assert tb_tag("tau_iter_99", iter_width=3) == "tau/iter_100"
+    record = {"epoch": 2, "tau": 0.5, "tau_iter": [0.1 * t for t in range(12)],
+              "entropy_iter": [1.0] * 12, "alpha": [[0.5, 0.5]] * 12,
+              "per_seed": [{"seed": 3, "tau": 0.4, "test_tau": 0.6}]}
+    tags = tb_scalars(record, 12)
+    assert tags["tau/iter_01"] == 0.0 and tags["tau/iter_12"] == pytest.approx(1.1)
+    assert tags["entropy/iter_12"] == 1.0
+    assert tags["alpha/iter_03_head_1"] == 0.5 and tags["alpha/iter_12_head_2"] == 0.5
+    assert tags["seeds/test_tau_seed_3"] == 0.6 and tags["seeds/tau_seed_3"] == 0.4
+    assert len(tags) == 1 + 12 + 12 + 24 + 2 + 1  # + trial/epochs_done
+    assert "tau/iter_100" in tb_scalars({"tau_iter": [0.0] * 100}, 100)
     # Zero-padded: the text order TensorBoard uses is the iteration order.
-    tags = [tb_tag(f"tau_iter_{k}") for k in range(16)]
-    assert sorted(tags) == tags
+    iters = [t for t in tags if t.startswith("tau/iter_")]
+    assert sorted(iters) == iters
 
 
 def test_a_real_epoch_maps_to_few_groups_and_keeps_every_value(tiny_cfg):
@@ -41,14 +47,13 @@ def test_a_real_epoch_maps_to_few_groups_and_keeps_every_value(tiny_cfg):
     torch.set_num_threads(1)
     m = TrialRunner(tiny_cfg.replace(epochs=1), "cpu").run_epoch()
     scalars = tb_scalars(m, tiny_cfg.max_inner_iters)
-    numeric = [k for k, v in m.items() if isinstance(v, (int, float)) and k != "epoch"]
-    assert len(scalars) == len(numeric) + 1  # one tag per metric, no collisions, + epochs_done
+    numeric = [k for k, v in flat(m).items() if isinstance(v, (int, float)) and k != "epoch"]
+    assert len(scalars) == len(numeric) + 1  # one tag per value, no collisions, + epochs_done
     groups = {t.split("/")[0] for t in scalars}
     assert len(groups) <= 15, groups
     assert "other" not in groups, [t for t in scalars if t.startswith("other/")]
     assert scalars["tau/dev"] == pytest.approx(m["tau"])
-    assert scalars[f"tau/iter_{tiny_cfg.max_inner_iters:02d}"] == pytest.approx(
-        m[f"tau_iter_{tiny_cfg.max_inner_iters - 1}"])
+    assert scalars[f"tau/iter_{tiny_cfg.max_inner_iters:02d}"] == pytest.approx(m["tau_iter"][-1])
     assert scalars[EPOCHS_DONE_TAG] == 1.0
 
 

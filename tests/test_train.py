@@ -34,7 +34,7 @@ def test_trains_writes_its_files_and_summarises_the_last_epoch(tmp_path):
     assert state["epoch"] == 3 and list(state["seeds"]) == [1, 2]
     last = epochs[-1]
     # The summary names each seed's test τ of the last epoch's row and their mean.
-    seeds = [last["test_tau_seed_1"], last["test_tau_seed_2"]]
+    seeds = [r["test_tau"] for r in last["per_seed"]]
     [summary] = [ln for ln in p.stderr.splitlines() if ln.startswith("test tau at best dev")]
     assert f"test tau at best dev epoch: {sum(seeds) / 2:.4f}" in summary
     assert f"per seed 1: {seeds[0]:.4f}, 2: {seeds[1]:.4f}" in summary

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -194,11 +195,13 @@ def test_every_variant_trains_and_reports_every_iteration(tiny_cfg, kw):
     cfg = tiny_cfg.replace(epochs=1, seeds=[1], **kw)
     m = TrialRunner(cfg).run_epoch()
     n_iter = 1 if cfg.model == "baseline" else cfg.max_inner_iters
-    assert all(f"tau_iter_{k}" in m for k in range(n_iter)) and f"tau_iter_{n_iter}" not in m
+    assert len(m["tau_iter"]) == n_iter
     assert math.isfinite(m["train_loss"]) and -1 <= m["tau"] <= 1
-    assert m["tau_iter_" + str(n_iter - 1)] == pytest.approx(m["tau"], abs=1e-5)
+    assert m["tau_iter"][-1] == pytest.approx(m["tau"], abs=1e-5)
     if cfg.model == "pot":
-        assert all(f"entropy_iter_{k}" in m for k in range(n_iter))
+        assert len(m["entropy_iter"]) == n_iter
+        assert len(m["alpha"]) == n_iter and {len(r) for r in m["alpha"]} == {cfg.n_heads}
+        assert all(sum(r) == pytest.approx(1.0, abs=1e-5) for r in m["alpha"])  # α sums to 1
 
 
 def test_nan_loss_raises_with_seed_and_epoch(tiny_cfg):
@@ -211,11 +214,16 @@ def test_nan_loss_raises_with_seed_and_epoch(tiny_cfg):
 
 def test_aggregate_means_per_seed_and_ci():
     stats = pytest.importorskip("scipy.stats")
-    per = [{"epoch": 3, "tau": v, "test_tau": v - 0.01, "epoch_s": 1.0, "controller_frozen": False}
+    per = [{"epoch": 3, "tau": v, "test_tau": v - 0.01, "epoch_s": 1.0, "controller_frozen": False,
+            "tau_iter": [v / 2, v], "alpha": [[v, 1 - v]]}
            for v in (0.9, 0.94, 0.95)]
     m = aggregate(per, [1, 2, 3])
     assert m["tau"] == pytest.approx(0.93)
-    assert m["tau_seed_2"] == 0.94 and m["test_tau_seed_3"] == pytest.approx(0.94)
+    assert m["tau_iter"] == pytest.approx([0.465, 0.93])  # per-iteration lists: elementwise
+    assert m["alpha"] == [[pytest.approx(0.93), pytest.approx(0.07)]]
+    assert [r["seed"] for r in m["per_seed"]] == [1, 2, 3]
+    assert m["per_seed"][1]["tau"] == 0.94 and m["per_seed"][2]["test_tau"] == pytest.approx(0.94)
+    assert math.isnan(m["per_seed"][0]["test_tau_all"])  # a value the seeds do not have
     assert m["epoch_s"] == 1.0 and m["epoch"] == 3
     lo, hi = stats.t.interval(0.95, 2, loc=0.93, scale=stats.sem([0.9, 0.94, 0.95]))
     assert m["tau_ci95"] == pytest.approx((hi - lo) / 2)
@@ -243,7 +251,7 @@ def test_a_collapsed_model_scores_tau_zero(tiny_cfg, split):
         runner.model.score_head.bias.fill_(0.25)
     for m in runner.evaluate(split, temperature=1.0):
         assert m["tau"] == 0.0 and m["tau_all"] == 0.0
-        assert all(m[f"tau_iter_{t}"] == 0.0 for t in range(tiny_cfg.max_inner_iters))
+        assert m["tau_iter"] == [0.0] * tiny_cfg.max_inner_iters
         # ranks of tied scores are the positions: right only where a position holds its own rank
         assert 0.0 < m["accuracy"] < 0.5
 
@@ -269,16 +277,19 @@ def test_configurations_packed_together_equal_each_alone(tiny_cfg, two_torch_thr
     packed = TrialRunner(cfgs, "cpu")
     alone = [TrialRunner(c, "cpu") for c in cfgs]
     keys = ("train_loss", "train_entropy", "temperature", "entropy_weight", "tau", "tau_all",
-            "best_tau", "test_tau", "herfindahl", "max_alpha", "tau_iter_0", "tau_iter_3",
-            "entropy_iter_3", "alpha_iter_2_head_1")
+            "best_tau", "test_tau", "herfindahl", "max_alpha", "tau_iter", "entropy_iter")
     for _ in range(4):
         per_config = packed.run_epoch_per_config()
         for c, runner in enumerate(alone):
             ref = runner.run_epoch()
             got = per_config[c]
             assert got["controller_frozen"] == ref["controller_frozen"]
-            for k in keys + tuple(f"tau_seed_{s}" for s in cfgs[c].seeds):
+            for k in keys:
                 assert got[k] == pytest.approx(ref[k], abs=2e-4), (c, k)
+            assert np.allclose(got["alpha"], ref["alpha"], atol=2e-4), c
+            assert [r["seed"] for r in got["per_seed"]] == list(cfgs[c].seeds)
+            for g, r in zip(got["per_seed"], ref["per_seed"], strict=True):
+                assert g["tau"] == pytest.approx(r["tau"], abs=2e-4), (c, g["seed"])
     # the configurations really train differently
     assert per_config[0]["train_loss"] != pytest.approx(per_config[1]["train_loss"], abs=1e-3)
 

@@ -12,6 +12,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from poh_tune.io import atomic_write_bytes
+from poh_tune.record import ALPHA, seed_value
 from poh_tune.report.labels import named
 from poh_tune.report.load import Experiment, Trial
 from poh_tune.report.panels import (
@@ -40,12 +41,9 @@ def _pyplot():
     return plt
 
 
-def _iter_series(row: dict[str, Any], prefix: str) -> list[float]:
-    out, t = [], 0
-    while f"{prefix}_{t}" in row:
-        out.append(float(row[f"{prefix}_{t}"]))
-        t += 1
-    return out
+def _iter_series(row: dict[str, Any], key: str) -> list[float]:
+    """A per-inner-iteration list of the record (record.PER_ITERATION), [] where it has none."""
+    return [float(v) for v in row.get(key) or ()]
 
 
 def _save(fig, path: Path) -> Path:
@@ -110,7 +108,8 @@ def plot_tau_vs_epoch(panels: list[Panel], path: Path) -> Path | None:
                 continue
             ep, mean, lo, hi = [], [], [], []
             for r in t.rows:
-                vals = finite([r.get(f"tau_seed_{s}") for s in t.seeds]) or finite([r.get("tau")])
+                vals = (finite([seed_value(r, "tau", s) for s in t.seeds])
+                        or finite([r.get("tau")]))
                 m, h = mean_ci95(vals)
                 ep.append(r["epoch"])
                 mean.append(m)
@@ -127,13 +126,13 @@ def plot_tau_vs_epoch(panels: list[Panel], path: Path) -> Path | None:
                         path)
 
 
-def plot_per_iteration(panels: list[Panel], prefix: str, ylabel: str, suptitle: str,
+def plot_per_iteration(panels: list[Panel], key: str, ylabel: str, suptitle: str,
                        path: Path) -> Path | None:
-    """A per-inner-iteration metric (`<prefix>_<t>`) at the last epoch of every PoH trial.
+    """A per-inner-iteration metric (a record's list) at the last epoch of every PoH trial.
 
     Args:
         panels: from plot_panels; trials without the metric (baselines) are left out.
-        prefix: "tau_iter" or "entropy_iter".
+        key: "tau_iter" or "entropy_iter".
         ylabel: the y axis label.
         suptitle: the figure title.
         path: the PNG to write.
@@ -142,33 +141,22 @@ def plot_per_iteration(panels: list[Panel], prefix: str, ylabel: str, suptitle: 
     """
     def draw(ax, panel: Panel) -> None:
         for t in panel.trials:
-            s = _iter_series(t.last, prefix)
+            s = _iter_series(t.last, key)
             ax.plot(range(1, len(s) + 1), s, marker=".", label=panel.labels[t.trial_id])
-        if prefix == "entropy_iter":
+        if key == "entropy_iter":
             for h in sorted({int(t.setting("n_heads")) for t in panel.trials}):
                 if h > 1:  # the entropy of uniform routing over h heads
                     ax.axhline(math.log(h), ls="--", color="grey", lw=0.8)
 
-    panels = [Panel(p.title, [t for t in p.trials if t.is_poh and _iter_series(t.last, prefix)],
+    panels = [Panel(p.title, [t for t in p.trials if t.is_poh and _iter_series(t.last, key)],
                     p.labels) for p in panels]
     return _draw_panels(panels, draw, ylabel, "inner iteration", suptitle, path)
 
 
 def alpha_matrix(row: dict[str, Any]) -> np.ndarray | None:
-    """Mean α as an (iterations, heads) array from `alpha_iter_<t>_head_<h>` keys, or None."""
-    cells = {}
-    for k, v in row.items():
-        if k.startswith("alpha_iter_") and "_head_" in k:
-            t, h = k[len("alpha_iter_"):].split("_head_")
-            cells[int(t), int(h)] = float(v)
-    if not cells:
-        return None
-    T = max(t for t, _ in cells) + 1
-    H = max(h for _, h in cells) + 1
-    a = np.full((T, H), np.nan)
-    for (t, h), v in cells.items():
-        a[t, h] = v
-    return a
+    """Mean α of the record as an (iterations, heads) array, or None."""
+    a = row.get(ALPHA)
+    return np.array(a, dtype=float) if a else None
 
 
 def plot_alpha_heatmap(trial: Trial, label: str, path: Path) -> Path | None:

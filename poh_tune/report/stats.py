@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from poh_tune.record import seed_value
 from poh_tune.report.load import POH_ONLY_KEYS, Trial, truthy
 
 # The document's success bands: (tau(baseline) >, tau(HRM) >, relative gain >=).
@@ -55,11 +56,11 @@ def seed_values(trial: Trial, stat: str) -> list[float]:
     if stat == "dev_tau":
         out = []
         for s in trial.seeds:
-            vals = finite([r.get(f"tau_seed_{s}") for r in trial.rows])
+            vals = finite([seed_value(r, "tau", s) for r in trial.rows])
             if vals:
                 out.append(max(vals))
         return out
-    return finite([trial.last.get(f"{stat}_seed_{s}") for s in trial.seeds])
+    return finite([seed_value(trial.last, stat, s) for s in trial.seeds])
 
 
 def trial_stat(trial: Trial, stat: str) -> Stat:
@@ -112,7 +113,7 @@ def paired_p(poh: Trial, base: Trial, stat: str) -> float:
     Returns:
         The p-value; nan with fewer than 2 shared seeds or identical differences.
     """
-    pairs = [(poh.last.get(f"{stat}_seed_{s}"), base.last.get(f"{stat}_seed_{s}"))
+    pairs = [(seed_value(poh.last, stat, s), seed_value(base.last, stat, s))
              for s in poh.seeds if s in base.seeds]
     pairs = [(a, b) for a, b in pairs if len(finite([a, b])) == 2]
     diffs = [a - b for a, b in pairs]
