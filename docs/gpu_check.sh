@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check of issue 11 in one run, for a session that has a GPU (see ../shared/GPU_NOTES.md).
+# Every GPU check (CUDA graphs, the CUDA bench, packing on a GPU, bf16) in one run, for a
+# session that has a GPU (see ../shared/GPU_NOTES.md).
 #
 # On a machine with package-index access first build the wheels the GPU node lacks:
 #   bash ../shared/gpu/wheelhouse.sh .whl          # /.whl/ is ignored (.git/info/exclude)

@@ -30,7 +30,7 @@ CKPT_FILE = "trial.pt"
 # and may name a checkpoint that CheckpointConfig(num_to_keep) has deleted since).
 STATE_FILE = "trial_state.pt"
 TB_DIR = "tb"
-# Test-only fault injection (issue 6): the trial's process exits hard after this epoch, once.
+# Test-only fault injection: the trial's process exits hard after this epoch, once.
 CRASH_ENV = "POH_TUNE_CRASH_AFTER_EPOCH"
 DIVERGED_FILE = ".diverged"  # the divergence message; retries re-raise it instead of retraining
 

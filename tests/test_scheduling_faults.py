@@ -138,7 +138,6 @@ def test_grid_with_asha_stops_the_hopeless_trials_and_keeps_every_trial(tmp_path
     assert f"{len(lrs)} trials: 1 completed, {len(TINY_LRS)} stopped early, 0 errored" in p.stdout
 
 
-# --- crashes and divergence with --reuse-actors ---------------------------------------------------
 # One optimizer step per epoch (lr_encoder 1e6 gives a NaN loss at epoch 2, after a logged
 # epoch and a checkpoint), and a dev set large enough that the trials' metrics all differ: state
 # carried from one trial into the next in a reused process would show in the numbers.

@@ -87,7 +87,7 @@ def test_close_stale_trials(tmp_path):
 
 def test_save_to_dir_keeps_its_temporary_file_out_of_the_synced_folder(tmp_path):
     """Ray copies the staging folder in the background: a temporary file inside it could vanish
-    under the copy (the intermittent FileNotFoundError of issue 13)."""
+    under the copy (an intermittent FileNotFoundError in the suite, before this test)."""
     staging = tmp_path / "driver_artifacts"
     staging.mkdir()
     written = []
