@@ -185,7 +185,11 @@ def make_trainable(space: Space, launch: dict[str, Any], membership: dict[str, l
 
 def make_search(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
                 ) -> tuple[Any, dict[str, Any], int, int]:
-    """The search algorithm of a new run, its param_space, Tune's num_samples and the trials."""
+    """The search algorithm of a new run, its param_space, Tune's num_samples and the trials.
+
+    launch["max_concurrent"] is the most trials running at once in both modes; 0: as many as the
+    resources allow.
+    """
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     max_conc = launch["max_concurrent"]
@@ -202,7 +206,9 @@ def make_search(command: str, space: Space, launch: dict[str, Any], exp_dir: Pat
         space=distributions(space.search), metric=space.metric, mode=space.metric_mode,
         sampler=TPESampler(seed=launch["seed"]), study_name=exp_dir.name,
         storage=study_storage(exp_dir), epochs=space.base.epochs)
-    search_alg = ConcurrencyLimiter(searcher, max_concurrent=max_conc or 2)
+    # ConcurrencyLimiter takes only a positive limit; without one Tune asks the searcher for as
+    # many trials as the resources can run.
+    search_alg = ConcurrencyLimiter(searcher, max_concurrent=max_conc) if max_conc else searcher
     return search_alg, {}, launch["num_samples"], launch["num_samples"]
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from poh_tune.cli import build_parser, resolve
-from poh_tune.tuner import grid_param_space
+from poh_tune.tuner import grid_param_space, make_search
 
 TINY_BASE = dict(array_len=4, train_samples=16, dev_samples=8, test_samples=8, epochs=1,
                  batch_size=16, max_inner_iters=1, hrm_period=1, d_model=8, n_heads=2, d_ff=8,
@@ -26,6 +27,30 @@ def _resolved(tmp_path: Path, command: str, *argv: str):
     args = build_parser().parse_args([command, str(space_file), *argv,
                                       "--storage", str(tmp_path / "runs")])
     return resolve(args)
+
+
+@pytest.mark.parametrize("command", ["grid", "optuna"])
+def test_max_concurrent_zero_means_as_many_as_the_resources_allow_in_both_modes(tmp_path,
+                                                                                command):
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    from poh_tune.search import PohOptunaSearch
+
+    for n in (0, 1, 3):
+        space, exp_dir, launch = _resolved(tmp_path, command, "--max-concurrent", str(n),
+                                           "--name", f"{command}{n}")
+        exp_dir.mkdir(parents=True)  # the Optuna study's file lives there
+        alg, _, num_samples, n_trials = make_search(command, space, launch, exp_dir)
+        if command == "grid":
+            assert isinstance(alg, BasicVariantGenerator) and alg.max_concurrent == n  # 0: none
+            assert num_samples == n_trials == 3
+        elif n == 0:  # no ConcurrencyLimiter: Tune asks the searcher as resources free up
+            assert isinstance(alg, PohOptunaSearch)
+        else:
+            assert isinstance(alg, ConcurrencyLimiter) and alg.max_concurrent == n
+            assert isinstance(alg.searcher, PohOptunaSearch)
+    # Without --max-concurrent: the space's max_concurrent, 0 when the file has none.
+    assert _resolved(tmp_path, command)[2]["max_concurrent"] == 0
 
 
 def test_grid_param_space_one_trial_per_configuration_or_per_pack(tmp_path):
