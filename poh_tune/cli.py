@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from poh_tune.config import ConfigError, parse_overrides, read_yaml
-from poh_tune.io import EXPERIMENT_FILE
+from poh_tune.io import EXPERIMENT_FILE, TUNER_FILE
 from poh_tune.spaces import Space, grid_variants, load_space, resolve_space_path
 
 DEFAULT_SPACE = {"grid": "document_grid.yaml", "optuna": "optuna_refine.yaml"}
@@ -121,8 +121,8 @@ def _resolve_resume(args: argparse.Namespace, storage: Path
                          f"under {storage}")
     exp_dir = storage / args.name
     info_file = exp_dir / EXPERIMENT_FILE
-    if not (exp_dir / "tuner.pkl").exists() or not info_file.exists():
-        raise UsageError(f"--resume: nothing to resume in {exp_dir} (no tuner.pkl or "
+    if not (exp_dir / TUNER_FILE).exists() or not info_file.exists():
+        raise UsageError(f"--resume: nothing to resume in {exp_dir} (no {TUNER_FILE} or "
                          f"{EXPERIMENT_FILE})")
     info = read_yaml(info_file)
     keys = ("mode", "space_file", "launch")
@@ -155,7 +155,7 @@ def _resolve_new(args: argparse.Namespace, storage: Path) -> tuple[Space, Path, 
     name = args.name or (space.name + ("_smoke" if args.smoke else ""))
     check_name(name, f"{path}: name")
     exp_dir = storage / name
-    if (exp_dir / "tuner.pkl").exists():
+    if (exp_dir / TUNER_FILE).exists():
         raise UsageError(f"{exp_dir} holds a run already: continue it with --resume --name "
                          f"{name}, or choose another --name")
     cpu = args.cpus_per_trial if args.cpus_per_trial is not None else space.cpu

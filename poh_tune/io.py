@@ -10,6 +10,7 @@ from typing import Any
 
 # An experiment directory (<storage>/<run name>/).
 EXPERIMENT_FILE = "poh_experiment.yaml"  # the mode, space file and launch settings (--resume)
+TUNER_FILE = "tuner.pkl"  # Ray Tune's: there once Tune registered the experiment (resumable)
 RESULTS_FILE = "results.csv"  # one row per configuration, written when the run ends
 BEST_CONFIG_FILE = "best_config.yaml"  # the best configuration, for `python -m poh_tune.train`
 # A configuration's folder: its Tune trial's folder, or <pack trial folder>/c<k>/ in a pack.
@@ -17,7 +18,9 @@ TRIAL_FILE = "poh_trial.yaml"  # the resolved config, experiments, trial id (pac
 LOST_TRIAL_FILE = "poh_trial.lost.yaml"  # TRIAL_FILE of a folder no trial of the run owns
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
-DIVERGED_FILE = ".diverged"  # the divergence message; retries re-raise it instead of retraining
+# The divergence message (a pack's trial folder holds one when all its configurations diverged);
+# retries re-raise it instead of retraining.
+DIVERGED_FILE = ".diverged"
 # A Tune trial's folder (a pack's: shared by its configurations).
 CKPT_FILE = "trial.pt"  # inside a Tune checkpoint
 # The trial's own state, in its storage folder, replaced atomically before every report: a resume

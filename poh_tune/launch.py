@@ -16,7 +16,7 @@ import yaml
 from poh_tune import tuner
 from poh_tune.cli import UsageError, build_parser, experiment_info, hparam_domains, resolve
 from poh_tune.config import ConfigError
-from poh_tune.io import EXPERIMENT_FILE, atomic_write_text
+from poh_tune.io import EXPERIMENT_FILE, TUNER_FILE, atomic_write_text
 from poh_tune.results import finish, report_command, report_interrupted
 from poh_tune.spaces import grid_variants
 from poh_tune.tblog import write_hparams_experiment
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             results = run_tuner.fit()
             was_interrupted = interrupted()  # here: leaving the block puts the old handler back
     except KeyboardInterrupt:  # a second Ctrl-C while Tune saved its state, or one before
-        resumable = (exp_dir / "tuner.pkl").exists()  # Tune registered the experiment
+        resumable = (exp_dir / TUNER_FILE).exists()  # Tune registered the experiment
         print("\ninterrupted; " + (f"continue with: {resume_line}" if resumable else
                                    "the run had not started, there is nothing to resume"),
               file=sys.stderr)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from poh_tune.cli import UsageError, build_parser, experiment_info, hparam_domains, resolve
-from poh_tune.io import EXPERIMENT_FILE
+from poh_tune.io import EXPERIMENT_FILE, TUNER_FILE
 
 TINY_BASE = dict(array_len=4, train_samples=16, dev_samples=8, test_samples=8, epochs=1,
                  batch_size=16, max_inner_iters=1, hrm_period=1, d_model=8, n_heads=2, d_ff=8,
@@ -52,7 +52,7 @@ def test_resume_takes_the_run_record_and_this_command_lines_run_settings(tmp_pat
     exp_dir.mkdir(parents=True)
     (exp_dir / EXPERIMENT_FILE).write_text(yaml.safe_dump(
         experiment_info("grid", space, launch), sort_keys=False))
-    (exp_dir / "tuner.pkl").write_bytes(b"")
+    (exp_dir / TUNER_FILE).write_bytes(b"")
     args = build_parser().parse_args(["grid", "--resume", "--name", "r", "--max-failures", "5",
                                       "--storage", str(tmp_path / "runs")])
     space2, exp_dir2, launch2 = resolve(args)
