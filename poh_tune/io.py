@@ -1,4 +1,4 @@
-"""Atomic file writes and the one reader of metrics.jsonl."""
+"""The names of the files a run writes, atomic file writes, and the one reader of metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -7,6 +7,31 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+# An experiment directory (<storage>/<run name>/).
+EXPERIMENT_FILE = "poh_experiment.yaml"  # the mode, space file and launch settings (--resume)
+TUNER_FILE = "tuner.pkl"  # Ray Tune's: there once Tune registered the experiment (resumable)
+RESULTS_FILE = "results.csv"  # one row per configuration, written when the run ends
+BEST_CONFIG_FILE = "best_config.yaml"  # the best configuration, for `python -m poh_tune.train`
+# A configuration's folder: its Tune trial's folder, or <pack trial folder>/c<k>/ in a pack.
+TRIAL_FILE = "poh_trial.yaml"  # the resolved config, experiments, trial id (pack id and index)
+LOST_TRIAL_FILE = "poh_trial.lost.yaml"  # TRIAL_FILE of a folder no trial of the run owns
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+# The divergence message (a pack's trial folder holds one when all its configurations diverged);
+# retries re-raise it instead of retraining.
+DIVERGED_FILE = ".diverged"
+# A Tune trial's folder (a pack's: shared by its configurations).
+CKPT_FILE = "trial.pt"  # inside a Tune checkpoint
+# The trial's own state, in its storage folder, replaced atomically before every report: a resume
+# continues from it whatever Tune's experiment snapshot says (that snapshot lags behind the trial
+# and may name a checkpoint that CheckpointConfig(num_to_keep) has deleted since).
+STATE_FILE = "trial_state.pt"
+
+
+def config_folder(k: int) -> str:
+    """The sub-folder of a pack's trial folder that holds its k-th configuration's files."""
+    return f"c{k}"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -16,23 +16,25 @@ import torch
 from ray import tune
 
 from poh_tune.config import TrialConfig, from_dict
-from poh_tune.io import atomic_write_bytes, atomic_write_text, read_metrics
+from poh_tune.io import (
+    CKPT_FILE,
+    DIVERGED_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    TB_DIR,
+    TRIAL_FILE,
+    atomic_write_bytes,
+    atomic_write_text,
+    config_folder,
+    read_metrics,
+)
 from poh_tune.record import flat
 from poh_tune.spaces import canonical
 from poh_tune.tblog import tb_scalars, write_session_start
 from poh_tune.trainer import TrainingDiverged, TrialRunner
 
-METRICS_FILE = "metrics.jsonl"
-TRIAL_FILE = "poh_trial.yaml"
-CKPT_FILE = "trial.pt"
-# The trial's own state, in its storage folder, replaced atomically before every report: a resume
-# continues from it whatever Tune's experiment snapshot says (that snapshot lags behind the trial
-# and may name a checkpoint that CheckpointConfig(num_to_keep) has deleted since).
-STATE_FILE = "trial_state.pt"
-TB_DIR = "tb"
 # Test-only fault injection: the trial's process exits hard after this epoch, once.
 CRASH_ENV = "POH_TUNE_CRASH_AFTER_EPOCH"
-DIVERGED_FILE = ".diverged"  # the divergence message; retries re-raise it instead of retraining
 
 
 def last_logged_epoch(path: Path) -> int:
@@ -235,11 +237,6 @@ def _score(v: Any, mode: str) -> float:
     """A metric value to rank by; a missing or non-finite one ranks last."""
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     return float(v) if ok else (-math.inf if mode == "max" else math.inf)
-
-
-def config_folder(k: int) -> str:
-    """The sub-folder of a pack's trial folder that holds its k-th configuration's files."""
-    return f"c{k}"
 
 
 def train_pack(config: dict[str, Any], base: dict[str, Any],

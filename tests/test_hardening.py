@@ -254,19 +254,19 @@ def test_dashboard_is_off_by_default_and_on_loopback_when_asked(monkeypatch):
     """start_ray's ray.init arguments: no dashboard unless --dashboard, and then on 127.0.0.1."""
     import ray
 
-    from poh_tune import launch
+    from poh_tune import cli, tuner
 
     calls = []
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.setattr(os, "environ", dict(os.environ))  # start_ray's settings stay here
-    launch.start_ray(None, 2)
-    launch.start_ray(None, 2, dashboard=True)
+    tuner.start_ray(None, 2)
+    tuner.start_ray(None, 2, dashboard=True)
     assert calls[0]["include_dashboard"] is False and calls[0]["address"] == "local"
     assert calls[1]["include_dashboard"] is True and calls[1]["dashboard_host"] == "127.0.0.1"
     from ray._private import ray_constants
 
     assert ray_constants.ENABLE_RAY_CLUSTER is False  # single-node mode: loopback only
-    assert launch.build_parser().parse_args(["grid"]).dashboard is False
+    assert cli.build_parser().parse_args(["grid"]).dashboard is False
 
 
 # --- runs of the real CLI on an embedded Ray ----------------------------------------------------

@@ -215,39 +215,6 @@ def test_address_joins_a_separately_started_head(tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)  # the address file goes with it
 
 
-def test_best_row_breaks_ties_by_creation_order_as_optuna_and_ray_do():
-    from poh_tune.launch import best_row
-
-    def row(trial_id: str, tau: float, order: int, **kw) -> dict:
-        return {"trial_id": trial_id, "trial_order": order, "status": "TERMINATED",
-                "stopped_early": False, "final_tau": tau, **kw}
-
-    # Tied at 0.354: the earliest created, whatever the rows' order or the (random) ids.
-    rows = [row("0cc4", 0.354, 1), row("bf23", 0.354, 0), row("cde2", 0.354, 5),
-            row("3e5a", 0.5, 2, stopped_early=True), row("95d3", 0.2, 4)]
-    assert best_row(rows, "tau", "max")["trial_id"] == "bf23"
-    assert best_row(rows, "tau", "min")["trial_id"] == "95d3"
-    # With an Optuna study, its trial numbers decide (a trial adopted after a restore may be
-    # created later by Tune than its number says).
-    numbered = [{**r, "optuna_trial": n} for r, n in zip(rows, [0, 3, 1, 2, 4], strict=True)]
-    assert best_row(numbered, "tau", "max")["trial_id"] == "0cc4"
-    rows.append(row("f8cc", 0.36, 6))
-    assert best_row(rows, "tau", "max")["trial_id"] == "f8cc"  # a better value still wins
-    assert best_row([row("d85e", float("nan"), 0)], "tau", "max") is None
-
-
-def test_lost_trial_folders_are_retired(tmp_path):
-    from poh_tune.launch import LOST_TRIAL_FILE, TRIAL_FILE, retire_lost_trials
-
-    for name in ("kept", "lost"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / TRIAL_FILE).write_text("config: {}\n")
-    assert retire_lost_trials(tmp_path, [{"trial_dir": str(tmp_path / "kept")}]) == 1
-    assert (tmp_path / "kept" / TRIAL_FILE).exists()
-    assert (tmp_path / "lost" / LOST_TRIAL_FILE).exists()
-    assert not (tmp_path / "lost" / TRIAL_FILE).exists()
-
-
 def test_trial_larger_than_every_node_is_an_error_not_a_hang(tmp_path):
     """The embedded Ray cannot grow: a per-trial share no node holds would wait forever."""
     p = launch("grid", "--smoke", "--gpus-per-trial", "1", "--storage", str(tmp_path / "runs"),

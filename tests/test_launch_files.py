@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from poh_tune.launch import build_parser
+from poh_tune.cli import build_parser
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 

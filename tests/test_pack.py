@@ -89,7 +89,7 @@ def test_pack_refused_exits_2_one_line_before_ray(tmp_path, argv, needles):
 
 
 def test_pack_off_and_auto_are_fine_with_asha_and_optuna(tmp_path):
-    from poh_tune.launch import build_parser, resolve
+    from poh_tune.cli import build_parser, resolve
 
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(TINY_GRID))
     (tmp_path / "o.yaml").write_text(yaml.safe_dump(TINY_OPTUNA))
@@ -105,7 +105,7 @@ def test_pack_off_and_auto_are_fine_with_asha_and_optuna(tmp_path):
     assert resolve(args)[2]["pack"] == 2  # auto with GPUs: every configuration that shares shapes
     args = build_parser().parse_args(["grid", str(tmp_path / "g.yaml"), "--storage",
                                       str(tmp_path / "runs")])
-    from poh_tune.launch import CPU_DEFAULT_PACK
+    from poh_tune.cli import CPU_DEFAULT_PACK
 
     assert resolve(args)[2]["pack"] == CPU_DEFAULT_PACK
 
@@ -256,7 +256,8 @@ def test_a_crashed_pack_resumes_and_a_diverged_member_errors_alone(tmp_path):
 
 
 def test_lost_pack_folders_are_retired(tmp_path):
-    from poh_tune.launch import LOST_TRIAL_FILE, TRIAL_FILE, retire_lost_trials
+    from poh_tune.io import LOST_TRIAL_FILE, TRIAL_FILE
+    from poh_tune.results import retire_lost_trials
 
     for folder in ("kept/c0", "kept/c1", "lost/c0", "lost/c1"):
         (tmp_path / folder).mkdir(parents=True)

@@ -1,0 +1,292 @@
+"""Ray and the Tuner: join or start Ray, build the trainable and the Tuner, watch for Ctrl-C.
+
+Ray, torch, numpy and optuna are imported inside the functions that need them, so that the
+launcher's arguments are checked before any of them loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from poh_tune.cli import UsageError
+from poh_tune.spaces import Space, grid_variants, pack_variants
+
+# What ray.dashboard.optional_deps imports first (checked without importing ray).
+DASHBOARD_DEPS = ("aiohttp", "aiohttp_cors", "opencensus", "prometheus_client")
+# ray.init against an address where no Ray head answers retries for minutes ("Failed to get
+# cluster ID from GCS server: TimedOut"); poh_tune gives up after this many seconds.
+ADDRESS_TIMEOUT_S = float(os.environ.get("POH_TUNE_ADDRESS_TIMEOUT_S", "30"))
+
+
+def ray_address_file() -> Path:
+    """Where `ray start` records the last cluster it started (Ray's own lookup for "auto")."""
+    tmp = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith(
+        "linux") else None) or "/tmp"
+    return Path(tmp) / "ray" / "ray_current_cluster"
+
+
+def check_address(address: str) -> str:
+    """Fail in seconds with one clear line (before Ray is imported), not after Ray's minutes of
+    retries, when nothing answers at --address HOST:PORT, or at the address "auto" stands for.
+
+    Returns:
+        the address to join: HOST:PORT ("auto" resolved as Ray would: RAY_ADDRESS, then the
+        address file of the last `ray start`), or "auto" when neither exists (Ray then looks for
+        a running head itself and says so quickly when there is none).
+    """
+    given, source = address, ""
+    if address == "auto":
+        env, file = os.environ.get("RAY_ADDRESS", ""), ray_address_file()
+        if env and env != "auto":
+            address, source = env, " (from RAY_ADDRESS)"
+        elif file.is_file():
+            text = file.read_text().strip()
+            address = text.splitlines()[0] if text else ""
+            source = f" (from {file}, left by the last `ray start`; a stopped cluster leaves it)"
+        else:
+            return "auto"
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {given!r}{source}: expected HOST:PORT of a Ray head")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise UsageError(f"--address {given}: no Ray head answers at {address}{source} "
+                         f"({e})") from None
+    return address
+
+
+def check_dashboard(dashboard: bool, address: str | None) -> None:
+    """--dashboard: embedded Ray only, and Ray's dashboard packages must be installed."""
+    if not dashboard:
+        return
+    if address is not None:
+        raise UsageError("--dashboard starts the embedded Ray's dashboard; a cluster joined with "
+                         "--address keeps its own")
+    import importlib.util
+
+    missing = [m for m in DASHBOARD_DEPS if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"--dashboard needs Ray's dashboard packages (missing: "
+                         f"{', '.join(missing)}): pip install 'ray[default]'")
+
+
+def start_ray(address: str | None, num_cpus: int | None, dashboard: bool = False) -> None:
+    """Start the embedded Ray (on loopback), or join the cluster at `address`."""
+    # Read when Tune starts: our own TensorBoard writer
+    # (one event per epoch even after a restore) instead of Ray's.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # num_to_keep forces a state snapshot per kept checkpoint; with sub-second smoke epochs Ray
+    # warns about it on every epoch. Real epochs take seconds to minutes.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    host = (address or "").rpartition(":")[0]
+    if address is None or host in ("127.0.0.1", "localhost"):
+        # Single-node mode, every port on 127.0.0.1 (for a loopback head: else Ray rewrites
+        # 127.0.0.1 to this machine's network address and connects there). Ray reads this once,
+        # when ray is first imported, into ray_constants.ENABLE_RAY_CLUSTER: set before the
+        # import, and on the constant where something imported ray already.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        if "ray" in sys.modules:
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = False
+    if address is None:
+        # Ray 2.60 turns on token authentication for a new local cluster and warns about it on
+        # every start. Keep it (any local user can reach loopback ports) and say so, quietly.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+
+    if address is None:
+        # The dashboard only when asked for, and then on loopback (Ray's default binds it to
+        # all interfaces when the node is not single-node).
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
+                 include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
+        return
+
+    def give_up() -> None:  # ray.init blocks in native code: only leaving the process stops it
+        print(f"error: --address {address}: no Ray cluster answered within "
+              f"{ADDRESS_TIMEOUT_S:g} s; check the address (and RAY_AUTH_MODE=token for a head "
+              f"started with `ray start`)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
+
+    watchdog = threading.Timer(ADDRESS_TIMEOUT_S, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except Exception as e:  # unreachable address, refused auth, ...
+        raise UsageError(f"--address {address}: cannot join the Ray cluster "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                         ) from None
+    finally:
+        watchdog.cancel()
+
+
+def check_trial_fits(cpu: float, gpu: float, embedded: bool) -> None:
+    """A trial that no node can hold would wait forever: an error on the embedded Ray (which
+    cannot grow), a warning on a cluster (an autoscaler may still add such a node)."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(r.get("CPU", 0) >= cpu and r.get("GPU", 0) >= gpu for r in nodes):
+        return
+    have = ", ".join(f"{r.get('CPU', 0):g} CPU / {r.get('GPU', 0):g} GPU" for r in nodes)
+    msg = (f"--cpus-per-trial={cpu:g} --gpus-per-trial={gpu:g}: no node of this Ray has that "
+           f"much (nodes: {have}); lower the per-trial share")
+    if embedded:
+        ray.shutdown()
+        raise UsageError(msg)
+    print(f"warning: {msg}; trials wait until such a node joins", file=sys.stderr)
+
+
+def grid_param_space(space: Space, launch: dict[str, Any]
+                     ) -> tuple[dict[str, Any], list[dict[str, Any]] | None, int]:
+    """A grid's Tune param_space, the points to evaluate, and Tune's num_samples.
+
+    Unpacked: one trial per configuration (its swept params, as preset points). Packed: a grid
+    search over packs, each trial's config {"pack": [params, ...]} (spaces.pack_variants);
+    packs cannot be preset points, which Tune assigns leaf by leaf onto the first point's shape.
+    """
+    from ray import tune
+
+    variants, _ = grid_variants(space, launch["experiment_names"])
+    size = int(launch.get("pack", 1))
+    if size <= 1:
+        return dict(variants[0]), variants, len(variants)
+    packs = [[variants[i] for i in p] for p in pack_variants(space.base, variants, size)]
+    return {"pack": tune.grid_search(packs)}, None, 1
+
+
+def make_trainable(space: Space, launch: dict[str, Any], membership: dict[str, list[str]]):
+    """The Tune trainable: train_trial, or train_pack when configurations are packed."""
+    from ray import tune
+
+    from poh_tune.trainable import train_pack, train_trial
+
+    if int(launch.get("pack", 1)) > 1:
+        fn = tune.with_parameters(train_pack, base=space.base.to_dict(), membership=membership,
+                                  checkpoint_every=launch["checkpoint_every"],
+                                  metric=space.metric, mode=space.metric_mode)
+    else:
+        fn = tune.with_parameters(train_trial, base=space.base.to_dict(), membership=membership,
+                                  checkpoint_every=launch["checkpoint_every"])
+    return tune.with_resources(fn, {"cpu": launch["cpu"], "gpu": launch["gpu"]})
+
+
+def make_search(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
+                ) -> tuple[Any, dict[str, Any], int, int]:
+    """The search algorithm of a new run, its param_space, Tune's num_samples and the trials.
+
+    launch["max_concurrent"] is the most trials running at once in both modes; 0: as many as the
+    resources allow.
+    """
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    max_conc = launch["max_concurrent"]
+    if command == "grid":
+        param_space, points, num_samples = grid_param_space(space, launch)
+        n_trials = num_samples if points is not None else len(param_space["pack"]["grid_search"])
+        return (BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_conc),
+                param_space, num_samples, n_trials)
+    from optuna.samplers import TPESampler
+
+    from poh_tune.search import PohOptunaSearch, distributions, study_storage
+
+    searcher = PohOptunaSearch(
+        space=distributions(space.search), metric=space.metric, mode=space.metric_mode,
+        sampler=TPESampler(seed=launch["seed"]), study_name=exp_dir.name,
+        storage=study_storage(exp_dir), epochs=space.base.epochs)
+    # ConcurrencyLimiter takes only a positive limit; without one Tune asks the searcher for as
+    # many trials as the resources can run.
+    search_alg = ConcurrencyLimiter(searcher, max_concurrent=max_conc) if max_conc else searcher
+    return search_alg, {}, launch["num_samples"], launch["num_samples"]
+
+
+def make_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path, trainable):
+    """A new run's Tuner: the grid's trials or an Optuna search, FIFO or ASHA, our progress line."""
+    import numpy as np
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    # Grid points are presets over constant values; Ray warns for every one that differs.
+    logging.getLogger("ray.tune.search.variant_generator").setLevel(logging.ERROR)
+    np.random.seed(launch["seed"])  # ASHA draws its brackets from NumPy's global state
+    epochs = space.base.epochs
+    if launch["scheduler"] == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs,
+                                  grace_period=min(space.grace_period, epochs),
+                                  reduction_factor=space.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    search_alg, param_space, num_samples, n_trials = make_search(command, space, launch, exp_dir)
+    from poh_tune.progress import ProgressLine
+
+    reporter = ProgressLine(exp_dir, n_trials, epochs, every_s=float(launch["progress_every"]),
+                            metric=space.metric, mode=space.metric_mode,
+                            asha=launch["scheduler"] == "asha")
+    run_config = tune.RunConfig(
+        name=exp_dir.name, storage_path=str(exp_dir.parent),
+        failure_config=tune.FailureConfig(max_failures=launch["max_failures"]),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
+        callbacks=[JsonLoggerCallback(), CSVLoggerCallback()], progress_reporter=reporter,
+        verbose=1)
+    tune_config = tune.TuneConfig(metric=space.metric, mode=space.metric_mode,
+                                  search_alg=search_alg, scheduler=scheduler,
+                                  num_samples=num_samples,
+                                  reuse_actors=bool(launch["reuse_actors"]))
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
+                      run_config=run_config)
+
+
+def restore_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path, trainable):
+    """The Tuner of an interrupted run, continued where Tune's last snapshot left it."""
+    from ray import tune
+
+    # tuner.pkl does not keep the param space: a run killed before Tune's first experiment
+    # snapshot restores a fresh variant generator that needs it (KeyError otherwise).
+    return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
+                              resume_errored=True,
+                              param_space=grid_param_space(space, launch)[0]
+                              if command == "grid" else {})
+
+
+class _DropTuneRestoreHint(logging.Filter):
+    """Tune's own "Resume experiment with: Tuner.restore(...)" does not apply to poh_tune."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def interruption_watch():
+    """Yields a function that says, after Tuner.fit(), whether SIGINT (or SIGUSR1) stopped it.
+
+    Tune catches the first SIGINT and makes fit() return normally, as if the run were done. Its
+    handler puts back the handler it found and nothing else does: so a marker handler installed
+    here is back in place after fit() exactly when the run was interrupted.
+    """
+    def marker(signum, frame):  # only reached when Tune did not install its own handler
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, marker)
+    hint_filter = _DropTuneRestoreHint()
+    tune_logger = logging.getLogger("ray.tune.tune")
+    tune_logger.addFilter(hint_filter)
+    tune_handles_sigint = not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") or 0)
+    try:
+        yield lambda: tune_handles_sigint and signal.getsignal(signal.SIGINT) is marker
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        tune_logger.removeFilter(hint_filter)
