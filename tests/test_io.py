@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +40,23 @@ def test_read_metrics_orders_epochs_keeps_the_first_row_and_skips_torn_lines(tmp
 
 def test_read_metrics_of_a_missing_file_is_empty(tmp_path):
     assert read_metrics(tmp_path / "nothing.jsonl") == []
+
+
+def test_no_unsafe_loading_no_shell_and_atomic_result_writes():
+    """Static checks over the package: YAML via safe_load, checkpoints with weights_only=True,
+    no shell, and every result file written atomically (poh_tune.io or temp file + replace)."""
+    pkg = Path(__file__).resolve().parent.parent / "poh_tune"
+    for f in sorted(pkg.rglob("*.py")):
+        src = f.read_text()
+        assert not re.search(r"yaml\.(load|unsafe_load|full_load)\(|yaml\.(Unsafe|Full)?Loader\b",
+                             src), f
+        assert not re.search(r"shell\s*=\s*True|os\.system\(|os\.popen\(|import subprocess", src), f
+        assert not re.search(r"pickle\.loads?\(", src), f
+        for call in re.findall(r"torch\.load\([^)]*\)", src):
+            assert "weights_only=True" in call, (f, call)
+        if f.name == "io.py":
+            continue
+        for line in src.splitlines():
+            if re.search(r"\.write_(text|bytes)\(|open\([^)]*[\"']w", line):
+                assert "tmp" in line and ".replace(" in src, (f.name, line)
+

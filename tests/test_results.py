@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import yaml
 
 from poh_tune.config import TrialConfig, from_dict, load_config
@@ -21,6 +25,7 @@ from poh_tune.io import (
     TRIAL_FILE,
 )
 from poh_tune.results import best_row, collect, finish, report_interrupted, retire_lost_trials
+from tests.cli_runs import GRID, dump, logged_epochs, results_rows, with_value
 
 
 @dataclass
@@ -141,3 +146,35 @@ def test_lost_trial_folders_are_retired(tmp_path):
     assert (tmp_path / "kept" / TRIAL_FILE).exists()
     assert (tmp_path / "lost" / LOST_TRIAL_FILE).exists()
     assert not (tmp_path / "lost" / TRIAL_FILE).exists()
+
+
+LOAD_TRIALS = 200
+
+
+@pytest.mark.slow
+def test_grid_of_200_tiny_trials_every_trial_accounted_for(tmp_path):
+    """Load: 200 one-epoch trials, four at a time per CPU, trial processes reused."""
+    lrs = [round(1e-4 + i * 1e-6, 8) for i in range(LOAD_TRIALS)]
+    space = tmp_path / "load.yaml"
+    space.write_text(dump({**with_value(GRID, "experiments.lr.sweep.lr_encoder", lrs),
+                            "max_concurrent": 0}))
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "poh_tune.launch", "grid", str(space),
+                        "--storage", str(tmp_path), "--name", "load", "--no-report",
+                        "--num-cpus", "2", "--cpus-per-trial", "0.25", "--reuse-actors"],
+                       capture_output=True, text=True, timeout=600)
+    wall = time.time() - t0
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = results_rows(tmp_path / "load")
+    assert len(rows) == LOAD_TRIALS
+    assert sorted(float(r["config.lr_encoder"]) for r in rows) == sorted(lrs)
+    assert len({r["trial_id"] for r in rows}) == LOAD_TRIALS
+    assert all(r["status"] == "TERMINATED" and r["epochs_done"] == "1" for r in rows)
+    for r in rows:  # each trial's own files, even in a reused process
+        info = yaml.safe_load(open(Path(r["trial_dir"]) / "poh_trial.yaml"))
+        assert info["trial_id"] == r["trial_id"]
+        assert info["config"]["lr_encoder"] == float(r["config.lr_encoder"])
+        assert logged_epochs(r["trial_dir"]) == [1]
+    print(f"\n{LOAD_TRIALS} trials: {wall:.0f} s wall ({wall / LOAD_TRIALS:.2f} s per trial)")
+
+
