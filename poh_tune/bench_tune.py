@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from poh_tune.config import ConfigError, load_config
+from poh_tune.io import METRICS_FILE
 
 # A mid-size trial: epochs of about a second on one core, so per-epoch overhead is visible.
 BENCH = dict(array_len=20, train_samples=500, dev_samples=200, test_samples=200, epochs=5,
@@ -55,7 +56,7 @@ def through_tune(cfg) -> dict[str, Any]:
             callbacks=[JsonLoggerCallback(), CSVLoggerCallback()])).fit()
         t_fit = time.perf_counter() - t1
         assert not res.errors, res.errors
-        rows = [json.loads(x) for x in open(os.path.join(res[0].path, "metrics.jsonl"))]
+        rows = [json.loads(x) for x in open(os.path.join(res[0].path, METRICS_FILE))]
     ray.shutdown()
     epoch_s = sum(r["epoch_s"] for r in rows)
     return {"ray_init_s": t_ray, "fit_s": t_fit, "epoch_s": epoch_s, "tau": rows[-1]["tau"],

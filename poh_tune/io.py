@@ -13,6 +13,9 @@ EXPERIMENT_FILE = "poh_experiment.yaml"  # the mode, space file and launch setti
 TUNER_FILE = "tuner.pkl"  # Ray Tune's: there once Tune registered the experiment (resumable)
 RESULTS_FILE = "results.csv"  # one row per configuration, written when the run ends
 BEST_CONFIG_FILE = "best_config.yaml"  # the best configuration, for `python -m poh_tune.train`
+REPORT_FILE = "report.md"  # the report; SUMMARY_FILE its table, one row per configuration
+SUMMARY_FILE = "summary.csv"
+STUDY_FILE = "optuna_study.db"  # the Optuna study (SQLite), optuna mode only
 # A configuration's folder: its Tune trial's folder, or <pack trial folder>/c<k>/ in a pack.
 TRIAL_FILE = "poh_trial.yaml"  # the resolved config, experiments, trial id (pack id and index)
 LOST_TRIAL_FILE = "poh_trial.lost.yaml"  # TRIAL_FILE of a folder no trial of the run owns

@@ -20,6 +20,8 @@ from poh_tune.io import (
     LOST_TRIAL_FILE,
     METRICS_FILE,
     RESULTS_FILE,
+    STUDY_FILE,
+    SUMMARY_FILE,
     TB_DIR,
     TRIAL_FILE,
     atomic_write_text,
@@ -193,7 +195,7 @@ def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool) 
         if r["error"]:
             print(f"  {r['trial_id']} errored: {r['error']}")
     if command == "optuna":
-        from poh_tune.search import STUDY_FILE, close_stale_trials
+        from poh_tune.search import close_stale_trials
 
         stale = close_stale_trials(study)
         if stale:
@@ -253,7 +255,7 @@ def run_report(exp_dir: Path, out: str | None, quiet_missing: bool = False) -> i
         return 1
     text = path.read_text()
     plots = [str(path.parent / n) for n in PLOT_FILES if f"]({n})" in text]  # those it shows
-    print(f"report: {path}\nsummary: {path.parent / 'summary.csv'}\nplots: "
+    print(f"report: {path}\nsummary: {path.parent / SUMMARY_FILE}\nplots: "
           + (", ".join(plots) or "none (nothing to plot)"))
     return 0
 

@@ -12,8 +12,9 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from poh_tune.io import STUDY_FILE
+
 logger = logging.getLogger(__name__)
-STUDY_FILE = "optuna_study.db"
 
 
 def distributions(search: dict[str, dict[str, Any]]) -> dict[str, Any]:

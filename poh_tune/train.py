@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from poh_tune.config import ConfigError, load_config, save_config
+from poh_tune.io import METRICS_FILE
 from poh_tune.metrics import mean_ci95
 from poh_tune.record import seed_value
 from poh_tune.trainer import TrainingDiverged, TrialRunner
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(line, flush=True)
             if out is not None:
-                with open(out / "metrics.jsonl", "a") as f:
+                with open(out / METRICS_FILE, "a") as f:
                     f.write(line + "\n")
     except TrainingDiverged as e:
         bar.close()

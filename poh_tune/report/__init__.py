@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from poh_tune.config import ConfigError
-from poh_tune.io import atomic_write_text
+from poh_tune.io import REPORT_FILE, SUMMARY_FILE, atomic_write_text
 from poh_tune.report.load import ReportError, load_experiment
 from poh_tune.report.markdown import render_markdown
 from poh_tune.report.plots import PLOT_FILES, write_plots
@@ -29,8 +29,8 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None) -> Path
     summary = summary_frame(exp)
     labels = {t.trial_id: r for t, r in zip(exp.trials, summary["label"], strict=True)}
     plots = write_plots(exp, labels, out)
-    atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
-    path = out / "report.md"
+    atomic_write_text(out / SUMMARY_FILE, summary.to_csv(index=False))
+    path = out / REPORT_FILE
     atomic_write_text(path, render_markdown(exp, summary, plots))
     return path
 

@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from poh_tune.config import TrialConfig, read_yaml
-from poh_tune.io import read_metrics
+from poh_tune.io import EXPERIMENT_FILE, METRICS_FILE, RESULTS_FILE, TRIAL_FILE, read_metrics
 
 # A setting missing from a trial's poh_trial.yaml is TrialConfig's default, as for the run itself.
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(TrialConfig)}
@@ -106,14 +106,14 @@ def trial_status(epochs_done: int, epochs: int, csv_row: dict[str, Any] | None) 
 def _read_trials(exp_dir: Path) -> list[Trial]:
     """Every `**/poh_trial.yaml` below `exp_dir` with its metrics, in path order."""
     trials: list[Trial] = []
-    for spec_path in sorted(exp_dir.glob("**/poh_trial.yaml")):
+    for spec_path in sorted(exp_dir.glob(f"**/{TRIAL_FILE}")):
         spec = read_yaml(spec_path)
         if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict):
             raise ReportError(f"{spec_path}: expected a mapping with a 'config' mapping")
         tdir = spec_path.parent
         trials.append(Trial(trial_id=str(spec.get("trial_id", tdir.name)), trial_dir=tdir,
                             config=spec["config"], experiments=list(spec.get("experiments") or []),
-                            rows=read_metrics(tdir / "metrics.jsonl")))
+                            rows=read_metrics(tdir / METRICS_FILE)))
     return trials
 
 
@@ -128,11 +128,11 @@ def load_experiment(exp_dir: str | Path) -> Experiment:
     exp_dir = Path(exp_dir)
     if not exp_dir.is_dir():
         raise ReportError(f"{exp_dir}: not a directory")
-    meta_path = exp_dir / "poh_experiment.yaml"
+    meta_path = exp_dir / EXPERIMENT_FILE
     meta = read_yaml(meta_path) if meta_path.is_file() else {}
     meta = meta if isinstance(meta, dict) else {}
     csv_rows: list[dict[str, Any]] = []
-    csv_path = exp_dir / "results.csv"
+    csv_path = exp_dir / RESULTS_FILE
     if csv_path.is_file():
         csv_rows = pd.read_csv(csv_path, dtype={"trial_id": str}).to_dict("records")
     trials = _read_trials(exp_dir)
