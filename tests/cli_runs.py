@@ -53,6 +53,14 @@ def dump(d: dict) -> str:
     return yaml.safe_dump(d, sort_keys=False)
 
 
+def lr_grid(lrs: list[float], **base) -> str:
+    """The tiny grid's space file text, sweeping lr_encoder over `lrs`, with `base` keys set."""
+    d = with_value(GRID, "experiments.lr.sweep.lr_encoder", lrs)
+    for key, value in base.items():
+        d = with_value(d, f"base.{key}", value)
+    return dump(d)
+
+
 
 def launch_popen(args: list[str], env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "poh_tune.launch", *args],

@@ -17,12 +17,10 @@ import pytest
 import yaml
 
 from tests.cli_runs import (
-    GRID,
-    dump,
     launch_popen,
     logged_epochs,
+    lr_grid,
     results_rows,
-    with_value,
 )
 
 
@@ -65,8 +63,7 @@ def fault_run(tmp_path_factory):
         pytest.skip("ss (iproute2) is not installed")
     tmp = tmp_path_factory.mktemp("faults")
     space = tmp / "faults.yaml"
-    space.write_text(dump(with_value(with_value(GRID, "experiments.lr.sweep.lr_encoder", FAULT_LRS),
-                                 "base.epochs", 3)))
+    space.write_text(lr_grid(FAULT_LRS, epochs=3))
     t0 = time.time()
     proc = launch_popen(["grid", str(space), "--storage", str(tmp), "--name", "f",
                           "--no-report", "--num-cpus", "2", "--max-failures", "2"],

@@ -13,15 +13,13 @@ import pytest
 import yaml
 
 from tests.cli_runs import (
-    GRID,
-    dump,
     kill_session,
     launch_popen,
     logged_epochs,
+    lr_grid,
     metrics_lines,
     results_rows,
     wait_for,
-    with_value,
 )
 
 # What Ray says when Tune's experiment snapshot names a checkpoint that num_to_keep deleted since
@@ -40,8 +38,7 @@ def test_driver_killed_at_several_points_then_resumed_loses_nothing(tmp_path):
     space = tmp_path / "kill.yaml"
     # 8 optimizer steps an epoch (about 0.1 s): the trials are slow enough to be caught
     # mid-run. The many-kill test below uses 1-step epochs.
-    space.write_text(dump(with_value(with_value(with_value(GRID, "experiments.lr.sweep.lr_encoder", lrs),
-                                       "base.epochs", epochs), "base.train_samples", 128)))
+    space.write_text(lr_grid(lrs, epochs=epochs, train_samples=128))
     exp = tmp_path / "k"
     common = ["--storage", str(tmp_path), "--name", "k", "--no-report", "--num-cpus", "2"]
 
@@ -100,8 +97,7 @@ def test_driver_killed_many_times_with_millisecond_epochs_every_trial_terminated
     rng = random.Random(12)
     epochs, lrs = 40, [0.001, 0.002, 0.003, 0.004]
     space = tmp_path / "kills.yaml"
-    space.write_text(dump(with_value(with_value(GRID, "experiments.lr.sweep.lr_encoder", lrs),
-                                 "base.epochs", epochs)))  # 16 samples, batch 16: one step
+    space.write_text(lr_grid(lrs, epochs=epochs))  # 16 samples, batch 16: one step
     exp = tmp_path / "k"
     common = ["--storage", str(tmp_path), "--name", "k", "--no-report", "--num-cpus", "2",
               "--cpus-per-trial", "1", "--reuse-actors"]
@@ -156,8 +152,7 @@ def test_ctrl_c_exits_130_counts_trials_truthfully_and_resume_completes(tmp_path
     Tuner.restore hint); --resume then completes every trial."""
     epochs, lrs = 12, [0.001, 0.002, 0.003, 0.004, 0.005, 0.006]
     space = tmp_path / "c.yaml"
-    space.write_text(dump(with_value(with_value(with_value(GRID, "experiments.lr.sweep.lr_encoder", lrs),
-                                       "base.epochs", epochs), "base.train_samples", 128)))
+    space.write_text(lr_grid(lrs, epochs=epochs, train_samples=128))
     exp = tmp_path / "c"
     common = ["--storage", str(tmp_path), "--name", "c", "--no-report", "--num-cpus", "2"]
     proc = launch_popen(["grid", str(space), *common])
