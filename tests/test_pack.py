@@ -130,6 +130,11 @@ def _by_config(exp: Path) -> dict[str, dict]:
 
 
 def _close(a, b, tol: float = 2e-4) -> bool:
+    """Equal within tol: numbers, and lists and records (per iteration, per seed) of them."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
     if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)):
         return a == b
     if not isinstance(b, (int, float)):
