@@ -165,19 +165,26 @@ def paired_median(num: list[float], den: list[float]) -> float:
 
 
 def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1,
-          batch_reference: bool = False, split_reference: bool = False) -> dict:
+          batch_reference: bool = False, split_reference: bool = False,
+          precision_reference: bool = False) -> dict:
     """Time one seed and, with seeds > 1, k seeds trained together, interleaved step by step so
     that both see the same machine (these machines are shared and noisy).
 
     With `batch_reference`, also one seed on a k times larger batch and training set: the same
     arithmetic as k seeds in the same number of steps, but in k times larger matmuls, the best
     that batching k seeds can hope for where the arithmetic is the limit. With
-    `split_reference`, also k seeds with the CPU matmul split off (`poh_tune.matmul.cpu_split`)."""
+    `split_reference`, also k seeds with the CPU matmul split off (`poh_tune.matmul.cpu_split`).
+    With `precision_reference`, also one seed in the other precision (bf16 against fp32)."""
     peaks = matmul_peaks()
     runs = [Timed(cfg.replace(seeds=[cfg.seeds[0]]), "1 seed")]
     extra: dict[str, Timed] = {}
+    other = "fp32" if cfg.precision == "bf16" else "bf16"
+    if precision_reference:
+        extra["precision"] = Timed(cfg.replace(seeds=[cfg.seeds[0]], precision=other),
+                                   f"1 seed, {other}")
+        runs.append(extra["precision"])
     if seeds > 1:
-        runs.append(Timed(cfg.replace(seeds=list(range(1, seeds + 1))), f"{seeds} seeds"))
+        runs.insert(1, Timed(cfg.replace(seeds=list(range(1, seeds + 1))), f"{seeds} seeds"))
         if batch_reference:
             extra["batch"] = Timed(cfg.replace(seeds=[cfg.seeds[0]],
                                                batch_size=cfg.batch_size * seeds,
@@ -186,7 +193,7 @@ def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1,
         if split_reference:
             extra["bmm"] = Timed(cfg.replace(seeds=list(range(1, seeds + 1))),
                                  f"{seeds} seeds, no split", split=False)
-        runs += extra.values()
+        runs += [r for key, r in extra.items() if key != "precision"]
     for i in range(warmup + epochs):
         t = time.perf_counter()
         interleaved_epoch(runs, record=i >= warmup)
@@ -214,6 +221,18 @@ def bench(cfg, epochs: int = 3, warmup: int = 1, seeds: int = 1,
         "mfu": round(one.gflop / one.best / peak, 4),
         "aten_ops_per_step": aten_ops_per_step(one.cfg),
     }
+    if "precision" in extra:
+        ref = extra["precision"]
+        fp32, bf16 = (one, ref) if cfg.precision == "fp32" else (ref, one)
+        res.update({
+            f"train_epoch_s_{other}": round(ref.best, 4),
+            f"train_epoch_s_{other}_all": [round(x, 4) for x in ref.train_s],
+            f"eval_s_{other}": round(min(ref.eval_s), 4),
+            f"aten_ops_per_step_{other}": aten_ops_per_step(ref.cfg),
+            # > 1: bf16 is faster; the median of per-epoch ratios of interleaved epochs
+            "bf16_speedup": round(fp32.best / bf16.best, 3),
+            "bf16_speedup_paired_median": round(paired_median(fp32.train_s, bf16.train_s), 3),
+        })
     if seeds > 1:
         k = runs[1]
         res.update({
@@ -287,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --seeds k: also one seed on a k times larger batch (same FLOPs)")
     ap.add_argument("--split-reference", action="store_true",
                     help="with --seeds k: also k seeds with the CPU matmul split off")
+    ap.add_argument("--precision-reference", action="store_true",
+                    help="also time one seed in the other precision (bf16 against fp32), "
+                         "interleaved step by step; reports bf16_speedup")
     ap.add_argument("--estimate-grid", nargs="?", const="", default=None, metavar="SPACE",
                     help="estimate the wall time of a grid space here (default: the document's)")
     ap.add_argument("--experiment", action="append", default=None,
@@ -322,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.seeds} --epochs {args.epochs} --warmup {args.warmup}", file=sys.stderr)
         return 2
     print(json.dumps(bench(cfg, args.epochs, args.warmup, args.seeds, args.batch_reference,
-                           args.split_reference)))
+                           args.split_reference, args.precision_reference)))
     return 0
 
 

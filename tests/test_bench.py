@@ -57,6 +57,23 @@ def test_seeds_side_by_side_with_the_batch_reference(run_bench):
     assert res["config"]["d_model"] == 32
 
 
+def test_precision_reference_times_both_precisions_side_by_side(run_bench):
+    rc, out, err = run_bench("--epochs", "3", "--warmup", "0", "--precision-reference")
+    assert rc == 0
+    res = json.loads(out)
+    progress = [line for line in err.splitlines() if line.startswith("bench: epoch")]
+    assert len(progress) == 3, err
+    assert all("1 seed " in line and "1 seed, bf16 " in line for line in progress)
+    fp32, bf16 = res["train_epoch_s_all"], res["train_epoch_s_bf16_all"]
+    assert len(fp32) == len(bf16) == 3 and res["train_epoch_s_bf16"] == min(bf16)
+    assert res["bf16_speedup"] == ratio_of(min(fp32), min(bf16))
+    paired = sorted(zip(fp32, bf16, strict=True), key=lambda ab: ab[0] / ab[1])
+    assert res["bf16_speedup_paired_median"] == ratio_of(*paired[1])
+    # the bf16 step casts operands and gradients: more aten calls than the FP32 step
+    assert res["aten_ops_per_step_bf16"] > res["aten_ops_per_step"]
+    assert res["precision"] == "fp32" and "seeds" not in res
+
+
 def test_one_seed_has_no_seed_keys(run_bench):
     rc, out, _ = run_bench("--epochs", "1", "--warmup", "0")
     assert rc == 0
