@@ -5,8 +5,10 @@ Functions (poh_tune.ensemble) when they run:
 - the CPU split (`cpu_split`): on CPU a batched matmul gives each thread whole members, so whole
   rounds of members go through one bmm and the remainder through plain matmuls that use every
   thread;
-- the operand dtype (`matmul_dtype`, `matmul_precision`): precision=bf16 casts every matmul's
-  operands to bfloat16; products, gradients, softmax and norms stay FP32.
+- the precision (`matmul_precision`): precision=bf16 computes every matmul from bfloat16
+  operands; products, gradients, softmax and norms stay FP32. On CPU that is oneDNN's bf16 mode
+  for FP32 matmuls (`onednn_bf16`, no casts); on CUDA the layers cast their operands
+  (`matmul_dtype`).
 """
 
 from __future__ import annotations
@@ -95,10 +97,34 @@ def matmul_dtype(dtype: torch.dtype | None) -> Iterator[None]:
         _CAST.clear()
 
 
-def matmul_precision(precision: str) -> contextlib.AbstractContextManager:
-    """`matmul_dtype` of a TrialConfig.precision; fp32 leaves the setting as it is."""
+@contextlib.contextmanager
+def onednn_bf16() -> Iterator[None]:
+    """FP32 matmuls on CPU computed by oneDNN from bf16-rounded operands (AMX where the CPU has
+    it), accumulated and returned in FP32: bf16's matrix units without a single cast call.
+    A global torch setting, restored after."""
+    mm = torch.backends.mkldnn.matmul
+    saved, mm.fp32_precision = mm.fp32_precision, "bf16"
+    try:
+        yield
+    finally:
+        mm.fp32_precision = saved
+
+
+def matmul_precision(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The matmul setting of a TrialConfig.precision on `device`; fp32 leaves it as it is.
+
+    bf16 on CPU is oneDNN's bf16 mode for FP32 matmuls (`onednn_bf16`): measured side by side
+    with explicit casts (`python -m poh_tune.bench --precision-reference`), the casts cost more
+    aten calls than the faster matmuls save. Elsewhere (CUDA) the layers cast their operands
+    (`matmul_dtype`). The backward needs the setting as much as the forward: on CPU the trainer
+    sets it around the backward pass too; explicit casts keep their dtype on the autograd ctx.
+    """
     dtype = MATMUL_DTYPES[precision]
-    return contextlib.nullcontext() if dtype is None else matmul_dtype(dtype)
+    if dtype is None:
+        return contextlib.nullcontext()
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return onednn_bf16()
+    return matmul_dtype(dtype)
 
 
 def operand_dtype() -> torch.dtype | None:

@@ -339,9 +339,9 @@ class PoHSorter(nn.Module):
                 keep_z_H: bool = False) -> ForwardOut:
         """x: (S, B, L) scaled values; obs: (S, B, L) bool; temperature: a float or (S,), one
         per member (configurations with different schedules train together)."""
-        # precision=bf16: bf16 operands in every ensemble layer's matmuls, forward and backward
-        # (the backward reads the dtype its forward saw); parameters, gradients and outputs FP32.
-        with matmul_precision(self.cfg.precision):
+        # precision=bf16: bf16 operands in every matmul (matmul.matmul_precision); parameters,
+        # gradients and outputs FP32.
+        with matmul_precision(self.cfg.precision, x.device):
             return self._forward(x, obs, temperature, keep_hidden, keep_z_H)
 
     def _forward(self, x: torch.Tensor, obs: torch.Tensor, temperature: float | torch.Tensor,

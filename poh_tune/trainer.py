@@ -14,6 +14,7 @@ from poh_tune.data import SortData, stack_seeds
 from poh_tune.evaluate import Evaluator, aggregate
 from poh_tune.graphs import GraphedFunction
 from poh_tune.losses import TrialLoss
+from poh_tune.matmul import matmul_precision
 from poh_tune.model import ModelConfig, PoHSorter
 from poh_tune.optim import MemberAdamW
 
@@ -160,7 +161,8 @@ class TrialRunner:
         self.enc_opt.zero_grad()
         if self.ctrl_opt is not None:
             self.ctrl_opt.zero_grad()
-        loss.sum().backward()  # members share no parameter: each gets its own gradient
+        with matmul_precision(self.cfg.precision, self.device):  # as the forward's (model.py)
+            loss.sum().backward()  # members share no parameter: each gets its own gradient
         self.enc_opt.clip()
         self.enc_opt.step()
         if self.ctrl_opt is not None and any(self._active):
