@@ -11,10 +11,8 @@ import yaml
 
 from poh_tune.cli import UsageError, build_parser, experiment_info, hparam_domains, resolve
 from poh_tune.io import EXPERIMENT_FILE, TUNER_FILE
+from tests.cli_runs import TINY_BASE
 
-TINY_BASE = dict(array_len=4, train_samples=16, dev_samples=8, test_samples=8, epochs=1,
-                 batch_size=16, max_inner_iters=1, hrm_period=1, d_model=8, n_heads=2, d_ff=8,
-                 d_ctrl=4, seeds=[1], controller_warmup_epochs=0)
 GRID = {"name": "g", "base": TINY_BASE,
         "experiments": {"lr": {"sweep": {"lr_encoder": [0.002, 0.001]}},
                         "iters": {"sweep": {"max_inner_iters": [1, 2]}}}}

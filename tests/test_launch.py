@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from poh_tune.config import load_config
+from tests.cli_runs import kill_session
 
 TB_TAGS = ("tau/dev", "tau/dev_all_pairs", "tau/iter_01", "entropy/iter_01", "loss/train",
            "loss/train_rank", "schedule/temperature", "schedule/entropy_weight")
@@ -142,8 +143,7 @@ def test_driver_killed_then_resumed(tmp_path):
                 break
             time.sleep(0.5)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-        proc.wait()
+        kill_session(proc)  # the driver and the Ray processes it started
     assert len(finished) >= 2, "the run ended before it could be killed"
     assert not (exp / "results.csv").exists()
 

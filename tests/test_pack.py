@@ -15,10 +15,7 @@ import pytest
 import yaml
 
 from poh_tune.spaces import SPACES_DIR, grid_variants, load_space, pack_variants
-
-WRAPPER = ("import sys\nfrom poh_tune.launch import main\ntry:\n    rc = main(sys.argv[1:])\n"
-           "finally:\n    print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY')\n"
-           "sys.exit(rc)\n")
+from tests.cli_runs import TINY_BASE, WRAPPER, kill_session
 
 
 def test_packs_hold_only_equal_shapes_at_most_n_in_first_seen_order(tiny_cfg):
@@ -55,9 +52,6 @@ def test_document_grid_packs():
     assert [len(p) for p in pack_variants(space.base, variants, 3)] == [1, 3, 1, 1, 1, 3, 1]
 
 
-TINY_BASE = dict(array_len=4, train_samples=16, dev_samples=8, test_samples=8, epochs=1,
-                 batch_size=16, max_inner_iters=1, hrm_period=1, d_model=8, n_heads=2, d_ff=8,
-                 d_ctrl=4, seeds=[1], controller_warmup_epochs=0)
 TINY_GRID = {"name": "t", "base": TINY_BASE,
              "experiments": {"lr": {"sweep": {"lr_encoder": [0.001, 0.002]}}}}
 TINY_OPTUNA = {"name": "o", "base": TINY_BASE, "num_samples": 2,
@@ -277,7 +271,6 @@ def test_lost_pack_folders_are_retired(tmp_path):
 def test_driver_killed_then_resumed_with_packs(tmp_path):
     """SIGKILL the driver while the second of two packs trains; --resume completes both, every
     configuration's epochs logged once, with the results of an unpacked run."""
-    import signal
     import time
 
     space = tmp_path / "lr.yaml"
@@ -302,8 +295,7 @@ def test_driver_killed_then_resumed_with_packs(tmp_path):
                 break
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-        proc.wait()
+        kill_session(proc)  # the driver and the Ray processes it started
     assert len(finished) >= 2, "the run ended before it could be killed"
     assert not (exp / "results.csv").exists()
     p = _launch("grid", "--resume", "--name", "r", *common)
