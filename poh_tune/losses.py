@@ -26,12 +26,6 @@ SOFT_SORT_TEMPERATURE = 1.0
 COMBINED_WEIGHTS = {"ranknet": 1.0, "listnet": 0.5, "soft_sort": 0.5}
 
 
-def _pair_mask(target_ranks: torch.Tensor, obs_mask: torch.Tensor) -> torch.Tensor:
-    """(N, L, L) bool: ordered pairs i != j, both observed, not tied in the target."""
-    both = obs_mask.unsqueeze(-1) & obs_mask.unsqueeze(-2)
-    return both & (target_ranks.unsqueeze(-1) != target_ranks.unsqueeze(-2))
-
-
 def ranknet_per_sample(scores: torch.Tensor, target_ranks: torch.Tensor, obs_mask: torch.Tensor
                        ) -> torch.Tensor:
     """RankNet: BCE of sigmoid(s_i - s_j) against [rank_i > rank_j] over observed, non-tied pairs."""
