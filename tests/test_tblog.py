@@ -65,6 +65,25 @@ def test_hparam_values_keep_types():
     assert type(v["epochs"]) is int and type(v["diagnostics"]) is bool
 
 
+def test_integers_reach_hparams_as_exact_doubles_because_it_has_no_integer_type():
+    """HParams' schema types and its value message have one numeric kind, a double: so an
+    integer goes as a number (filterable and sortable, which a string would not be), and the
+    double it becomes is the integer exactly. If TensorBoard gains an integer type, this fails."""
+    from google.protobuf import struct_pb2
+    from tensorboard.plugins.hparams import api_pb2
+
+    from poh_tune.tblog import _type, _value
+
+    assert not [n for n in api_pb2.DataType.keys() if "INT" in n]
+    assert [f.name for f in struct_pb2.Value.DESCRIPTOR.oneofs_by_name["kind"].fields] == [
+        "null_value", "number_value", "string_value", "bool_value", "struct_value", "list_value"]
+    for n in (0, 12, 2**53):
+        v = _value(n)
+        assert v.WhichOneof("kind") == "number_value" and int(v.number_value) == n
+        assert v.number_value.is_integer()
+    assert _type(12) == api_pb2.DATA_TYPE_FLOAT64 and _value(True).bool_value is True
+
+
 def _hparams_content(run_dir: Path) -> dict[str, bytes]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from poh_tune.fmt import MIN_CI_SEEDS, TAU_RANGE
+from poh_tune.fmt import MIN_CI_SEEDS, TAU_RANGE, sig
 from poh_tune.io import atomic_write_bytes
 from poh_tune.record import ALPHA, seed_value
 from poh_tune.report.labels import named
@@ -172,7 +172,7 @@ def plot_alpha_heatmap(trial: Trial, label: str, path: Path) -> Path | None:
     im = ax.imshow(a, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
     if a.size <= 200:
         for (t, h), v in np.ndenumerate(a):
-            ax.text(h, t, f"{v:.2f}", ha="center", va="center", fontsize=7,
+            ax.text(h, t, sig(v), ha="center", va="center", fontsize=7,
                     color="k" if v > 0.6 * vmax else "w")
     ax.set_xticks(range(a.shape[1]))
     ax.set_xticklabels(range(1, a.shape[1] + 1))  # heads and iterations count from 1
