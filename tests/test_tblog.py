@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,10 @@ def test_a_real_epoch_maps_to_few_groups_and_keeps_every_value(tiny_cfg):
     torch.set_num_threads(1)
     m = TrialRunner(tiny_cfg.replace(epochs=1), "cpu").run_epoch()
     scalars = tb_scalars(m, tiny_cfg.max_inner_iters)
-    numeric = [k for k, v in flat(m).items() if isinstance(v, (int, float)) and k != "epoch"]
+    numeric = [k for k, v in flat(m).items() if isinstance(v, (int, float)) and k != "epoch"
+               and math.isfinite(v)]
     assert len(scalars) == len(numeric) + 1  # one tag per value, no collisions, + epochs_done
+    assert not [t for t in scalars if t.startswith("ci95/")]  # 2 seeds: no CI (small-n rule)
     groups = {t.split("/")[0] for t in scalars}
     assert len(groups) <= 15, groups
     assert "other" not in groups, [t for t in scalars if t.startswith("other/")]
