@@ -256,6 +256,8 @@ def best_lines(best: dict[str, Any], metric: str, cfg: TrialConfig, base: TrialC
         return ci_text(v, _number(best.get(ci_key)), n)
 
     label = config_label(cfg.to_dict(), base.to_dict())
+    if best.get("experiments"):  # a grid's: the experiments it belongs to
+        label += "; experiment " + best["experiments"].replace(";", ", ")
     over = (f"95 % CI over {n} seeds" if ci_shown(n)
             else f"mean over {n} seed{'s' * (n != 1)}, CI n/a below {MIN_CI_SEEDS} seeds")
     return [f"best: {best['trial_id']} ({label})",
@@ -299,9 +301,9 @@ def run_report(exp_dir: Path, out: str | None, quiet_missing: bool = False) -> i
               file=sys.stderr)
         return 1
     text = path.read_text()
-    plots = [str(path.parent / n) for n in PLOT_FILES if f"]({n})" in text]  # those it shows
-    print(f"report: {path}\nsummary: {path.parent / SUMMARY_FILE}\nplots: "
-          + (", ".join(plots) or "none (nothing to plot)"))
+    plots = [n for n in PLOT_FILES if f"]({n})" in text]  # those it shows
+    print(f"report: {path} (beside it: {', '.join([SUMMARY_FILE, *plots])}"
+          + ("" if plots else "; no plots, nothing to plot") + ")")
     return 0
 
 

@@ -93,7 +93,7 @@ def test_rows_per_configuration_and_best_config_from_its_own_trial_file(tmp_path
     out = capsys.readouterr().out
     assert "3 trials: 3 completed, 0 stopped early, 0 errored" in out
     # The best one by its label (what differs from the base), no YAML dump of its config.
-    assert "best: t1_c1 (lr_encoder=0.003)" in out
+    assert "best: t1_c1 (lr_encoder=0.003; experiment lr)" in out
     assert "  tau 0.5, test tau" in out and "CI n/a below 3 seeds" in out  # 2 seeds
     assert not any(line.startswith(f"{k}:") for line in out.splitlines()
                    for k in tiny_cfg.to_dict())
