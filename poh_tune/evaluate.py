@@ -133,7 +133,7 @@ def _mean(vals: list[Any]) -> Any:
 def aggregate(per_seed: list[dict[str, Any]], seeds: list[int] | tuple[int, ...]) -> dict[str, Any]:
     """A configuration's record from its seeds' records: means over seeds of every metric
     (per-iteration lists elementwise), each seed's own τ values (record.PER_SEED) and 95 % CI
-    half-widths of τ."""
+    half-widths of τ (nan below fmt.MIN_CI_SEEDS seeds, metrics.mean_ci95)."""
     out: dict[str, Any] = {}
     for k, v0 in per_seed[0].items():
         vals = [m[k] for m in per_seed]

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from poh_tune.fmt import MIN_CI_SEEDS
+
 
 def kendall_tau(pred: torch.Tensor, target: torch.Tensor, obs_mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -89,12 +91,16 @@ def t_quantile_975(df: int) -> float:
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and 95 % CI half-width (Student's t) of a list; half-width 0 for one value."""
+    """Mean and 95 % CI half-width (Student's t) of a list.
+
+    The half-width is nan below fmt.MIN_CI_SEEDS values (the small-n rule: at n=2 the t interval
+    is 12.7 standard errors wide), so every record, results.csv and the report leave it out.
+    """
     n = len(values)
     if n == 0:
         return float("nan"), float("nan")
     m = sum(values) / n
-    if n == 1:
-        return m, 0.0
+    if n < MIN_CI_SEEDS:
+        return m, float("nan")
     var = sum((v - m) ** 2 for v in values) / (n - 1)
     return m, t_quantile_975(n - 1) * math.sqrt(var / n)

@@ -9,6 +9,8 @@ from typing import Any
 
 from ray.tune import ProgressReporter
 
+from poh_tune.fmt import sig
+
 ENDED = ("TERMINATED", "ERROR")
 RUNNING = ("RUNNING",)
 
@@ -84,12 +86,12 @@ def progress_line(trials: list[TrialProgress], total_trials: int, epochs: int, e
     else:
         # Trials run `slots` at a time; the start-up of trials not begun yet is not counted.
         eta = remaining * per_epoch / max(1, slots, running)
-        parts += [f"{per_epoch:.2f} s/epoch",
+        parts += [f"{sig(per_epoch)} s/epoch",
                   f"ETA {'<= ' if asha else ''}{_hms(eta)}"]
     scored = [t for t in trials if t.metric is not None]
     if scored:
         best = (max if mode == "max" else min)(scored, key=lambda t: t.metric)
-        parts.append(f"best {metric} {best.metric:.3f} ({best.trial_id})")
+        parts.append(f"best {metric} {sig(best.metric)} ({best.trial_id})")
     parts.append(str(exp_dir))
     return " | ".join(parts)
 

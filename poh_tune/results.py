@@ -14,6 +14,7 @@ import yaml
 
 from poh_tune.cli import UsageError
 from poh_tune.config import TrialConfig, from_dict, save_config
+from poh_tune.fmt import MIN_CI_SEEDS, ci_shown, ci_text, config_label, sig
 from poh_tune.io import (
     BEST_CONFIG_FILE,
     DIVERGED_FILE,
@@ -31,6 +32,7 @@ from poh_tune.io import (
 from poh_tune.spaces import Space
 from poh_tune.tblog import write_session_end
 
+MAX_ERRORS_SHOWN = 5  # errored trials named on the console; results.csv has every error
 # Columns of results.csv taken from a trial's last logged epoch ("final_") and its best epoch.
 FINAL_KEYS = ("tau", "tau_all", "tau_ci95", "accuracy", "perfect_sort", "train_loss",
               "herfindahl", "max_alpha", "routing_healthy")
@@ -98,9 +100,20 @@ def _row(folder: Path, fallback_id: str, error: str | None, order: int,
         "error": error or "", "trial_dir": str(folder)}
     row.update({f"config.{k}": (v if not isinstance(v, list) else " ".join(map(str, v)))
                 for k, v in cfg.items()})
-    row.update({f"final_{k}": last.get(k, "") for k in FINAL_KEYS})
-    row.update({k: last.get(k, "") for k in BEST_KEYS})
+    n_seeds = len(cfg.get("seeds") or [])
+    row.update({f"final_{k}": _cell(k, last, n_seeds) for k in FINAL_KEYS})
+    row.update({k: _cell(k, last, n_seeds) for k in BEST_KEYS})
     return row
+
+
+def _cell(key: str, last: dict[str, Any], n_seeds: int) -> Any:
+    """A metric of the last epoch for results.csv; a CI is left empty by the small-n rule
+    (fewer than fmt.MIN_CI_SEEDS seeds, also in records written before the rule gave nan)."""
+    v = last.get(key, "")
+    if key.endswith("_ci95") and (not ci_shown(n_seeds) or not isinstance(v, (int, float))
+                                  or not math.isfinite(v)):
+        return ""
+    return v
 
 
 def _csv_text(rows: list[dict[str, Any]]) -> str:
@@ -191,9 +204,12 @@ def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool) 
     n_stop = sum(bool(r["stopped_early"]) for r in rows)
     print(f"\n{len(rows)} trials: {len(rows) - n_err - n_stop} completed, {n_stop} stopped "
           f"early, {n_err} errored")
-    for r in rows:
-        if r["error"]:
-            print(f"  {r['trial_id']} errored: {r['error']}")
+    errored = [r for r in rows if r["error"]]
+    for r in errored[:MAX_ERRORS_SHOWN]:
+        print(f"  {r['trial_id']} errored: {r['error'][:200]}")
+    if len(errored) > MAX_ERRORS_SHOWN:
+        print(f"  ... and {len(errored) - MAX_ERRORS_SHOWN} more (the error column of "
+              f"{RESULTS_FILE})")
     if command == "optuna":
         from poh_tune.search import close_stale_trials
 
@@ -204,26 +220,57 @@ def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool) 
               f"{exp_dir / STUDY_FILE})")
     best = best_row(rows, space.metric, space.metric_mode)
     if best is not None:
-        write_best_config(best, space.metric, exp_dir / BEST_CONFIG_FILE)
+        cfg = write_best_config(best, exp_dir / BEST_CONFIG_FILE)
+        if cfg is not None:
+            print("\n".join(best_lines(best, space.metric, cfg, space.base,
+                                       exp_dir / BEST_CONFIG_FILE)))
     print(f"results: {exp_dir / RESULTS_FILE}")
     if not no_report:
         run_report(exp_dir, None, quiet_missing=True)
-    print(f"experiment dir: {exp_dir}\n  tensorboard --logdir {exp_dir}")
+    print(f"tensorboard --logdir {exp_dir}")
     return 1 if n_err else 0
 
 
-def write_best_config(best: dict[str, Any], metric: str, path: Path) -> None:
-    """The best row's configuration to `path` (from its poh_trial.yaml), printed with its scores."""
+def write_best_config(best: dict[str, Any], path: Path) -> TrialConfig | None:
+    """The best row's configuration to `path` (from its poh_trial.yaml); None when unreadable."""
     cfg = row_config(best)
     if cfg is None:
         print(f"warning: best trial {best['trial_id']}: no readable {TRIAL_FILE} in "
               f"{best['trial_dir']}; {path.name} was not written", file=sys.stderr)
-        return
+        return None
     save_config(cfg, path)
-    print(f"best trial {best['trial_id']}: {metric}={best[f'final_{metric}']} "
-          f"(best dev tau {best['best_tau']}, test tau {best['test_tau']})")
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
-    print(f"written to {path} (python -m poh_tune.train --config {path})")
+    return cfg
+
+
+def best_lines(best: dict[str, Any], metric: str, cfg: TrialConfig, base: TrialConfig,
+               path: Path) -> list[str]:
+    """The best trial in three lines: its label (the keys that differ from the space's base
+    config), its metric and test τ to 4 significant digits with their CIs (the small-n rule),
+    and where its configuration went; the whole configuration is in best_config.yaml."""
+    n = len(cfg.seeds)
+
+    def stat(value_key: str, ci_key: str) -> str:
+        v = _number(best.get(value_key))
+        if ci_key not in best or not ci_shown(n):  # a metric without a CI column, or few seeds
+            return sig(v)
+        return ci_text(v, _number(best.get(ci_key)), n)
+
+    label = config_label(cfg.to_dict(), base.to_dict())
+    if best.get("experiments"):  # a grid's: the experiments it belongs to
+        label += "; experiment " + best["experiments"].replace(";", ", ")
+    over = (f"95 % CI over {n} seeds" if ci_shown(n)
+            else f"mean over {n} seed{'s' * (n != 1)}, CI n/a below {MIN_CI_SEEDS} seeds")
+    return [f"best: {best['trial_id']} ({label})",
+            f"  {metric} {stat(f'final_{metric}', f'final_{metric}_ci95')}, test tau at the "
+            f"best dev epoch {stat('test_tau', 'test_tau_ci95')} ({over})",
+            f"  {path.name}: {path} (python -m poh_tune.train --config {path})"]
+
+
+def _number(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):  # "" in results.csv: not logged, or a CI left out
+        return math.nan
 
 
 def report_command(exp_dir: Path, out: str | None) -> int:
@@ -254,9 +301,9 @@ def run_report(exp_dir: Path, out: str | None, quiet_missing: bool = False) -> i
               file=sys.stderr)
         return 1
     text = path.read_text()
-    plots = [str(path.parent / n) for n in PLOT_FILES if f"]({n})" in text]  # those it shows
-    print(f"report: {path}\nsummary: {path.parent / SUMMARY_FILE}\nplots: "
-          + (", ".join(plots) or "none (nothing to plot)"))
+    plots = [n for n in PLOT_FILES if f"]({n})" in text]  # those it shows
+    print(f"report: {path} (beside it: {', '.join([SUMMARY_FILE, *plots])}"
+          + ("" if plots else "; no plots, nothing to plot") + ")")
     return 0
 
 

@@ -101,6 +101,9 @@ def hparam_values(config: dict[str, Any]) -> dict[str, bool | int | float | str]
 
 
 def _value(v: bool | int | float | str):
+    """An HParams value. HParams has no integer type (its DataType is string, bool or float64,
+    its values protobuf Values, whose only number is a double), so an integer goes as the double
+    equal to it: still a number that TensorBoard filters and sorts, which text would not be."""
     from google.protobuf import struct_pb2
 
     if isinstance(v, bool):

@@ -87,4 +87,11 @@ def test_mean_ci95_against_scipy():
     lo, hi = stats.t.interval(0.95, len(vals) - 1, loc=sum(vals) / 5, scale=stats.sem(vals))
     assert m == pytest.approx((lo + hi) / 2)
     assert hw == pytest.approx((hi - lo) / 2)
-    assert mean_ci95([0.5]) == (0.5, 0.0)
+
+
+def test_mean_ci95_gives_no_half_width_below_three_values():
+    """The small-n rule: one or two values have a mean and no CI (nan), three have one."""
+    assert mean_ci95([0.5])[0] == 0.5 and math.isnan(mean_ci95([0.5])[1])
+    m, hw = mean_ci95([0.4, 0.6])
+    assert m == pytest.approx(0.5) and math.isnan(hw)
+    assert math.isfinite(mean_ci95([0.4, 0.5, 0.6])[1])

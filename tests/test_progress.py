@@ -21,10 +21,10 @@ def test_counts_epochs_and_eta():
     # b needs no more epochs than it did: 10 + 4 + 10 + 10 + 2 * 10.
     assert "| epochs 17/54 |" in line
     # 37 epochs left at (2 + 2 + 4) / 3 s each, two trials at a time: 49.3 s.
-    assert "| 2.67 s/epoch | ETA 0:00:49 |" in line
-    assert "| best tau 0.700 (b) |" in line and line.endswith("| /runs/x")
+    assert "| 2.667 s/epoch | ETA 0:00:49 |" in line  # 4 significant digits
+    assert "| best tau 0.7 (b) |" in line and line.endswith("| /runs/x")
     assert "ETA <= 0:00:49" in progress_line(trials, 6, 10, 0, "/runs/x", asha=True, slots=2)
-    assert "best tau 0.500 (a)" in progress_line(trials, 6, 10, 0, "/runs/x", mode="min")
+    assert "best tau 0.5 (a)" in progress_line(trials, 6, 10, 0, "/runs/x", mode="min")
 
 
 def test_first_epochs_and_the_end():

@@ -85,7 +85,7 @@ def test_long_float_configs_get_short_labels_and_legends_that_fit(tmp_path, monk
         assert "model" not in lab and "pot" not in lab  # the model does not vary
     text = path.read_text()
     assert f"| t0 | {labels['t0']} |" in text
-    assert "(n=2)" in text
+    assert "(n=2: CI n/a)" in text  # the 2-seed trials: no CI (the small-n rule)
     assert sorted(f[0] for f in figures) == sorted(PLOT_FILES)
     for name, (_, _, w, h), legends, axes, titles in figures:
         assert legends or name == "alpha_heatmap.png", name

@@ -24,7 +24,14 @@ from poh_tune.io import (
     RESULTS_FILE,
     TRIAL_FILE,
 )
-from poh_tune.results import best_row, collect, finish, report_interrupted, retire_lost_trials
+from poh_tune.results import (
+    best_lines,
+    best_row,
+    collect,
+    finish,
+    report_interrupted,
+    retire_lost_trials,
+)
 from tests.cli_runs import GRID, dump, logged_epochs, results_rows, with_value
 
 
@@ -69,7 +76,7 @@ def _experiment(tmp_path: Path, tiny_cfg: TrialConfig) -> tuple[Path, list[FakeR
 def test_rows_per_configuration_and_best_config_from_its_own_trial_file(tmp_path, tiny_cfg,
                                                                         capsys):
     exp, results, cfgs = _experiment(tmp_path, tiny_cfg)
-    space = SimpleNamespace(metric="tau", metric_mode="max")
+    space = SimpleNamespace(metric="tau", metric_mode="max", base=tiny_cfg)
     assert finish("grid", space, exp, results, no_report=True) == 0
     with open(exp / RESULTS_FILE) as f:
         rows = {r["trial_id"]: r for r in csv.DictReader(f)}
@@ -85,7 +92,12 @@ def test_rows_per_configuration_and_best_config_from_its_own_trial_file(tmp_path
     assert yaml.safe_load((exp / BEST_CONFIG_FILE).read_text()) == cfgs[3e-3].to_dict()
     out = capsys.readouterr().out
     assert "3 trials: 3 completed, 0 stopped early, 0 errored" in out
-    assert "best trial t1_c1: tau=0.5" in out
+    # The best one by its label (what differs from the base), no YAML dump of its config.
+    assert "best: t1_c1 (lr_encoder=0.003; experiment lr)" in out
+    assert "  tau 0.5, test tau" in out and "CI n/a below 3 seeds" in out  # 2 seeds
+    assert not any(line.startswith(f"{k}:") for line in out.splitlines()
+                   for k in tiny_cfg.to_dict())
+    assert len(out.strip().splitlines()) <= 12
 
 
 def test_a_diverged_pack_member_errors_alone(tmp_path, tiny_cfg):
@@ -98,12 +110,40 @@ def test_a_diverged_pack_member_errors_alone(tmp_path, tiny_cfg):
     assert rows["t1_c1"]["status"] == "TERMINATED" and rows["t1_c1"]["error"] == ""
 
 
+@pytest.mark.parametrize("n_seeds", [1, 2, 3])
+def test_results_csv_ci_empty_below_three_seeds(tmp_path, tiny_cfg, n_seeds):
+    """The small-n rule in results.csv: no CI below 3 seeds (not 0, not a 12.7-sigma width),
+    also for a record written before the rule (its one-seed CI was 0)."""
+    cfg = from_dict({**tiny_cfg.to_dict(), "seeds": list(range(1, n_seeds + 1))})
+    folder = tmp_path / "t"
+    _configuration(folder, cfg, "t", [0.5])
+    rec = {"epoch": 1, "tau": 0.5, "tau_ci95": 0.0 if n_seeds == 1 else 0.04,
+           "test_tau": 0.45, "test_tau_ci95": 0.0 if n_seeds == 1 else 0.05}
+    (folder / METRICS_FILE).write_text(json.dumps(rec) + "\n")
+    (row,) = collect([FakeResult(str(folder), {}, {"trial_id": "t"})])
+    want_tau, want_test = ("", "") if n_seeds < 3 else (0.04, 0.05)
+    assert (row["final_tau_ci95"], row["test_tau_ci95"]) == (want_tau, want_test)
+    assert row["final_tau"] == 0.5 and row["test_tau"] == 0.45  # the means stay
+
+
+def test_best_lines_give_label_metric_and_ci_at_four_digits(tmp_path, tiny_cfg):
+    cfg = from_dict({**tiny_cfg.to_dict(), "seeds": [1, 2, 3], "entropy_reg": 0.0123456})
+    best = {"trial_id": "a_00004", "final_tau": 0.6354166865348816,
+            "final_tau_ci95": 0.012345678, "test_tau": 0.99, "test_tau_ci95": 0.05}
+    lines = best_lines(best, "tau", cfg, tiny_cfg, tmp_path / BEST_CONFIG_FILE)
+    assert lines[0] == "best: a_00004 (seeds=1,2,3 entropy_reg=0.01235)"
+    assert "tau 0.6354 ± 0.01235" in lines[1]
+    assert "test tau at the best dev epoch 0.99 [0.94, 1]" in lines[1]  # clipped at τ's 1
+    assert "95 % CI over 3 seeds" in lines[1]
+    assert str(tmp_path / BEST_CONFIG_FILE) in lines[2]
+
+
 def test_best_config_not_written_without_the_trial_file(tmp_path, tiny_cfg, capsys):
     exp, results, _ = _experiment(tmp_path, tiny_cfg)
     (exp / "pack" / "c1" / TRIAL_FILE).unlink()  # the row keeps its metrics, loses its config
     (exp / "pack" / "c0" / TRIAL_FILE).unlink()
     (exp / "alone" / TRIAL_FILE).unlink()
-    space = SimpleNamespace(metric="tau", metric_mode="max")
+    space = SimpleNamespace(metric="tau", metric_mode="max", base=tiny_cfg)
     assert finish("grid", space, exp, results, no_report=True) == 0
     assert not (exp / BEST_CONFIG_FILE).exists()
     assert f"no readable {TRIAL_FILE}" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,10 @@ def test_a_real_epoch_maps_to_few_groups_and_keeps_every_value(tiny_cfg):
     torch.set_num_threads(1)
     m = TrialRunner(tiny_cfg.replace(epochs=1), "cpu").run_epoch()
     scalars = tb_scalars(m, tiny_cfg.max_inner_iters)
-    numeric = [k for k, v in flat(m).items() if isinstance(v, (int, float)) and k != "epoch"]
+    numeric = [k for k, v in flat(m).items() if isinstance(v, (int, float)) and k != "epoch"
+               and math.isfinite(v)]
     assert len(scalars) == len(numeric) + 1  # one tag per value, no collisions, + epochs_done
+    assert not [t for t in scalars if t.startswith("ci95/")]  # 2 seeds: no CI (small-n rule)
     groups = {t.split("/")[0] for t in scalars}
     assert len(groups) <= 15, groups
     assert "other" not in groups, [t for t in scalars if t.startswith("other/")]
@@ -63,6 +66,25 @@ def test_hparam_values_keep_types():
     assert v == {"epochs": 3, "lr": 1e-3, "diagnostics": True, "model": "pot",
                  "seeds": "1,2,3", "n_seeds": 3}
     assert type(v["epochs"]) is int and type(v["diagnostics"]) is bool
+
+
+def test_integers_reach_hparams_as_exact_doubles_because_it_has_no_integer_type():
+    """HParams' schema types and its value message have one numeric kind, a double: so an
+    integer goes as a number (filterable and sortable, which a string would not be), and the
+    double it becomes is the integer exactly. If TensorBoard gains an integer type, this fails."""
+    from google.protobuf import struct_pb2
+    from tensorboard.plugins.hparams import api_pb2
+
+    from poh_tune.tblog import _type, _value
+
+    assert not [n for n in api_pb2.DataType.keys() if "INT" in n]
+    assert [f.name for f in struct_pb2.Value.DESCRIPTOR.oneofs_by_name["kind"].fields] == [
+        "null_value", "number_value", "string_value", "bool_value", "struct_value", "list_value"]
+    for n in (0, 12, 2**53):
+        v = _value(n)
+        assert v.WhichOneof("kind") == "number_value" and int(v.number_value) == n
+        assert v.number_value.is_integer()
+    assert _type(12) == api_pb2.DATA_TYPE_FLOAT64 and _value(True).bool_value is True
 
 
 def _hparams_content(run_dir: Path) -> dict[str, bytes]:

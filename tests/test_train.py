@@ -33,11 +33,19 @@ def test_trains_writes_its_files_and_summarises_the_last_epoch(tmp_path):
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 3 and list(state["seeds"]) == [1, 2]
     last = epochs[-1]
-    # The summary names each seed's test τ of the last epoch's row and their mean.
+    # The summary names each seed's test τ of the last epoch's row and their mean, to 4
+    # significant digits, without a CI for 2 seeds (the small-n rule).
     seeds = [r["test_tau"] for r in last["per_seed"]]
     [summary] = [ln for ln in p.stderr.splitlines() if ln.startswith("test tau at best dev")]
-    assert f"test tau at best dev epoch: {sum(seeds) / 2:.4f}" in summary
-    assert f"per seed 1: {seeds[0]:.4f}, 2: {seeds[1]:.4f}" in summary
+    assert f"test tau at best dev epoch: {sum(seeds) / 2:.4g} (n=2: CI n/a)" in summary
+    if f"{seeds[0]:.4g}" != f"{seeds[1]:.4g}":
+        assert f"per seed 1: {seeds[0]:.4g}, 2: {seeds[1]:.4g}" in summary
+    assert "±" not in summary and "CI n/a below 3 seeds" in summary
+    # What was trained, by the keys that differ from the defaults; where the files went.
+    text = p.stderr[p.stderr.index("trained 3 epochs on 2 seeds"):]
+    assert "array_len=8" in text and "seeds=1,2" in text and "epochs=3" in text
+    assert f"written: {out / 'config.yaml'}, {out / 'metrics.jsonl'}" in text
+    assert len(text.strip().splitlines()) <= 5  # no dump of the configuration
 
 
 def test_an_unknown_key_exits_2_naming_it_without_a_traceback(tmp_path):

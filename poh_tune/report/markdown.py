@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from poh_tune.fmt import MIN_CI_SEEDS, RATE_RANGE, TAU_RANGE, ci_shown, ci_text, sig
 from poh_tune.report.labels import config_labels, named, sort_key
 from poh_tune.report.load import Experiment, Trial, trial_status
 from poh_tune.report.plots import PLOT_FILES
@@ -25,7 +26,10 @@ from poh_tune.report.stats import (
     trial_stat,
 )
 
-SMALL_N = 5  # fewer seeds than this: a CI is shown with its n
+SMALL_N = 5  # fewer seeds than this (and at least MIN_CI_SEEDS): a CI is shown with its n
+# The range of each statistic: no interval is written past it.
+STAT_BOUNDS = {"test_tau": TAU_RANGE, "dev_tau": TAU_RANGE, "test_tau_all": TAU_RANGE,
+               "test_perfect_sort": RATE_RANGE}
 CAPTIONS = {
     "tau_vs_epoch.png": "Dev τ per epoch (mean over seeds, 95 % CI band)",
     "tau_vs_iteration.png": "Dev τ per inner iteration, last epoch (should rise, then plateau)",
@@ -34,27 +38,31 @@ CAPTIONS = {
 }
 
 
-def format_stat(s: Stat) -> str:
-    """A table cell: mean ± 95 % CI half-width, saying so where the CI is missing or wide."""
+def format_stat(s: Stat, bounds: tuple[float, float] | None = TAU_RANGE) -> str:
+    """A table cell: mean ± 95 % CI half-width by the small-n rule (fmt.ci_text), saying so
+    where the per-seed values are missing; `bounds`: the statistic's range."""
     if math.isnan(s.mean):
         return "n/a"
-    if math.isnan(s.ci95):
-        return f"{s.mean:.3f} (no per-seed values)"
+    if not s.values:
+        return f"{sig(s.mean)} (no per-seed values)"
     n = len(s.values)
-    if n == 1:
-        return f"{s.mean:.3f} (1 seed: CI n/a)"
-    # t(0.975) is 12.7 at n=2 and 4.3 at n=3: say n where the interval is that wide.
-    return f"{s.mean:.3f} ± {s.ci95:.3f}" + (f" (n={n})" if n < SMALL_N else "")
+    # t(0.975) is 4.3 at n=3 and 3.2 at n=4: say n where the interval is that wide.
+    return ci_text(s.mean, s.ci95, n, bounds) + (f" (n={n})" if ci_shown(n) and n < SMALL_N
+                                                 else "")
+
+
+def _stat_cell(trial: Trial, stat: str) -> str:
+    return format_stat(trial_stat(trial, stat), STAT_BOUNDS[stat])
 
 
 def _num(v: float, pct: bool = False) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
-    return f"{100 * v:+.1f} %" if pct else f"{v:+.3f}"
+    return f"{sig(100 * v, sign=True)} %" if pct else sig(v, sign=True)
 
 
 def _p(v: float) -> str:
-    return "n/a" if math.isnan(v) else (f"{v:.2e}" if v < 1e-3 else f"{v:.3f}")
+    return sig(v)
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -75,7 +83,10 @@ def _header(exp: Experiment, summary: pd.DataFrame) -> list[str]:
             + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")",
             "- Statistics are means over a configuration's seeds with 95 % confidence half-widths "
             "(Student t, n-1 degrees of freedom). Test metrics are taken at each seed's best dev "
-            "epoch (the fair protocol); dev τ is each seed's best dev τ.", ""]
+            "epoch (the fair protocol); dev τ is each seed's best dev τ.",
+            f"- Small n: below {MIN_CI_SEEDS} seeds a CI reads n/a (t(0.975) is 12.7 at n=2); "
+            "an interval that would run past the metric's range (τ: -1 to 1, rates: 0 to 1) is "
+            "shown clipped, as [low, high]. Numbers have 4 significant digits.", ""]
 
 
 def _trials_section(exp: Experiment, labels: dict[str, str]) -> list[str]:
@@ -96,9 +107,8 @@ def _per_configuration_section(exp: Experiment, summary: pd.DataFrame,
         r = summary.loc[summary.trial_id == t.trial_id].iloc[0]
         rows.append([t.trial_id, labels[t.trial_id], t.status,
                      len(trial_stat(t, "test_tau").values),
-                     *(format_stat(trial_stat(t, s))
-                       for s in ("test_tau", "dev_tau", "test_tau_all")),
-                     f"{r.oracle_tau_all:.3f}", format_stat(trial_stat(t, "test_perfect_sort"))])
+                     *(_stat_cell(t, s) for s in ("test_tau", "dev_tau", "test_tau_all")),
+                     sig(r.oracle_tau_all), _stat_cell(t, "test_perfect_sort")])
     L = ["## Per configuration", ""]
     L += _table(["trial", "configuration", "status", "seeds", STAT_KEYS["test_tau"],
                  STAT_KEYS["dev_tau"], STAT_KEYS["test_tau_all"],
@@ -122,7 +132,7 @@ def _sweeps_section(exp: Experiment, ids: dict[str, str]) -> list[str]:
         if info.get("description"):
             lines += [str(info["description"]), ""]
         rows = [[t.config.get(key), ids[t.trial_id], t.status,
-                 *(format_stat(trial_stat(t, s)) for s in STAT_KEYS)] for t in members]
+                 *(_stat_cell(t, s) for s in STAT_KEYS)] for t in members]
         lines += _table([key, "configuration", "status", *STAT_KEYS.values()], rows)
     return ["## Sweeps", "", *lines] if lines else []
 
@@ -150,19 +160,26 @@ def _ab_section(exp: Experiment, summary: pd.DataFrame, ids: dict[str, str]) -> 
     # Holm over each metric's family of PoH-vs-baseline comparisons: many configurations
     # compared with one baseline would otherwise find "significant" gains by chance.
     holm_of = {stat: holm([ab.p_paired for ab in abl]) for stat, abl in abs_of.items()}
-    rows = [[ids[t.trial_id], "no baseline of this task", *["n/a"] * 8] for t in missing]
+    rows = []
     for i, per_poh in enumerate(zip(*abs_of.values(), strict=True)):
         for ab in per_poh:
             rows.append([ids[ab.poh.trial_id], ids[ab.base.trial_id], STAT_KEYS[ab.stat],
-                         format_stat(ab.poh_stat), format_stat(ab.base_stat), _num(ab.delta),
+                         format_stat(ab.poh_stat, STAT_BOUNDS[ab.stat]),
+                         format_stat(ab.base_stat, STAT_BOUNDS[ab.stat]), _num(ab.delta),
                          _num(ab.rel, pct=True), _p(ab.p), _p(ab.p_paired),
                          _p(holm_of[ab.stat][i])])
     L = ["## A/B: PoH against the baseline of the same task", ""]
-    if any(t.is_poh for t in exp.trials):
-        L += _table(["PoH configuration", "baseline", "metric", "PoH", "baseline", "Δ",
-                     "relative Δ", "Welch p", "paired p", "paired p, Holm"], rows)
-    else:
-        L += ["No PoH configuration in this experiment.", ""]
+    if not any(t.is_poh for t in exp.trials):
+        return L + ["No PoH configuration in this experiment.", ""]
+    if not rows:  # an Optuna search, or a grid without model=baseline: nothing to compare
+        return L + [f"No baseline in this experiment: none of its {len(missing)} PoH "
+                    "configurations has a baseline of its task to compare with.",
+                    ""] + _between_poh_lines(exp.trials, ids)
+    L += _table(["PoH configuration", "baseline", "metric", "PoH", "baseline", "Δ",
+                 "relative Δ", "Welch p", "paired p", "paired p, Holm"], rows)
+    if missing:
+        L += ["No baseline of their task: " + ", ".join(ids[t.trial_id] for t in missing) + ".",
+              ""]
     L += ["Welch's t-test (unequal variances) over seeds, two-sided; n/a with fewer than two seeds "
           "a side. Paired: the t-test of per-seed differences over the seeds both ran (a seed "
           "fixes the data splits, so this removes split-to-split variance). Holm: the paired p "
@@ -171,8 +188,8 @@ def _ab_section(exp: Experiment, summary: pd.DataFrame, ids: dict[str, str]) -> 
     for stat in abs_of:
         tested = [q for q in holm_of[stat] if not math.isnan(q)]
         if tested:
-            sig = sum(q < ALPHA for q in tested)
-            L += [f"- {STAT_KEYS[stat]}: {sig} of {len(tested)} PoH configurations differ from "
+            n_sig = sum(q < ALPHA for q in tested)
+            L += [f"- {STAT_KEYS[stat]}: {n_sig} of {len(tested)} PoH configurations differ from "
                   f"their baseline (Holm-adjusted paired p < {ALPHA})."]
     L += [""]
     return L + _between_poh_lines(exp.trials, ids) + _bands_lines(abs_of, ids)
@@ -183,21 +200,21 @@ def _between_poh_lines(trials: list[Trial], ids: dict[str, str]) -> list[str]:
     pairs = [p for p in poh_pairs(trials) if not math.isnan(p[3])]
     if not pairs:
         return []
-    sig = [(a, b, q) for a, b, _, q in pairs if q < ALPHA]
+    diff = [(a, b, q) for a, b, _, q in pairs if q < ALPHA]
     means = {t.trial_id: trial_stat(t, "test_tau").mean for a, b, _, _ in pairs for t in (a, b)}
     lo, hi = min(means.values()), max(means.values())
     L = ["### Between PoH configurations", "",
          f"{len(means)} PoH configurations, {len(pairs)} pairs compared on "
          f"{STAT_KEYS['test_tau']} (paired t-test over shared seeds, Holm-adjusted over all "
-         f"pairs); their means span {lo:.3f}-{hi:.3f}."]
-    if not sig:
+         f"pairs); their means span {sig(lo)} to {sig(hi)}."]
+    if not diff:
         L += [f"No two PoH configurations differ significantly (every Holm-adjusted p >= {ALPHA}).",
               ""]
         return L
-    L += [f"{len(sig)} pairs differ (Holm-adjusted p < {ALPHA}):", ""]
+    L += [f"{len(diff)} pairs differ (Holm-adjusted p < {ALPHA}):", ""]
     L += _table(["configuration", "configuration", "Δ test τ", "paired p, Holm"],
                 [[ids[a.trial_id], ids[b.trial_id],
-                  _num(means[a.trial_id] - means[b.trial_id]), _p(q)] for a, b, q in sig])
+                  _num(means[a.trial_id] - means[b.trial_id]), _p(q)] for a, b, q in diff])
     return L
 
 
@@ -230,7 +247,7 @@ def _routing_section(exp: Experiment, ids: dict[str, str]) -> list[str]:
         if rr is None:
             continue
         flag = "healthy" if rr["healthy"] else "FLAGGED: outside the healthy band"
-        rows.append([ids[t.trial_id], f"{rr['herfindahl']:.3f}", f"{rr['max_alpha']:.3f}",
+        rows.append([ids[t.trial_id], sig(rr["herfindahl"]), sig(rr["max_alpha"]),
                      flag, f"{rr['unhealthy_epochs']}/{rr['epochs']}"])
     L = ["## Routing health", ""]
     if not rows:

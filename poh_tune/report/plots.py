@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from poh_tune.fmt import MIN_CI_SEEDS, TAU_RANGE, sig
 from poh_tune.io import atomic_write_bytes
 from poh_tune.record import ALPHA, seed_value
 from poh_tune.report.labels import named
@@ -110,19 +111,20 @@ def plot_tau_vs_epoch(panels: list[Panel], path: Path) -> Path | None:
             for r in t.rows:
                 vals = (finite([seed_value(r, "tau", s) for s in t.seeds])
                         or finite([r.get("tau")]))
-                m, h = mean_ci95(vals)
+                m, h = mean_ci95(vals)  # h is nan below fmt.MIN_CI_SEEDS seeds: no band
                 ep.append(r["epoch"])
                 mean.append(m)
-                # τ lives in [-1, 1]; with two seeds the t interval alone is wider than that.
-                lo.append(max(-1.0, m - h))
-                hi.append(min(1.0, m + h))
+                # τ lives in [-1, 1]: the band never runs past it.
+                lo.append(m if math.isnan(h) else max(TAU_RANGE[0], m - h))
+                hi.append(m if math.isnan(h) else min(TAU_RANGE[1], m + h))
             (line,) = ax.plot(ep, mean, marker="." if len(ep) < 30 else None,
                               label=panel.labels[t.trial_id])
             ax.fill_between(ep, lo, hi, color=line.get_color(), alpha=0.15)
 
     panels = [Panel(p.title, [t for t in p.trials if t.rows], p.labels) for p in panels]
     return _draw_panels(panels, draw, "dev τ (mask-aware)", "epoch",
-                        "Dev τ per epoch: mean over seeds, 95 % CI band (clipped to [-1, 1])",
+                        "Dev τ per epoch: mean over seeds, 95 % CI band (clipped to [-1, 1]; "
+                        f"none below {MIN_CI_SEEDS} seeds)",
                         path)
 
 
@@ -170,7 +172,7 @@ def plot_alpha_heatmap(trial: Trial, label: str, path: Path) -> Path | None:
     im = ax.imshow(a, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
     if a.size <= 200:
         for (t, h), v in np.ndenumerate(a):
-            ax.text(h, t, f"{v:.2f}", ha="center", va="center", fontsize=7,
+            ax.text(h, t, sig(v), ha="center", va="center", fontsize=7,
                     color="k" if v > 0.6 * vmax else "w")
     ax.set_xticks(range(a.shape[1]))
     ax.set_xticklabels(range(1, a.shape[1] + 1))  # heads and iterations count from 1
