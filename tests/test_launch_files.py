@@ -150,16 +150,20 @@ def _run_sbatch(tmp_path: Path, args: list[str], timeout: float = 300,
         "SLURM_GPUS_PER_NODE": "0", "SLURM_SUBMIT_DIR": str(tmp_path),
         **env,
     }
+    out, err = tmp_path / "job.out", tmp_path / "job.err"
     try:
-        p = subprocess.run(["bash", str(LAUNCH / "slurm_grid.sbatch"), *args], env=run_env,
-                           capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+        # Into files, not pipes: a Ray process left running would hold a pipe open, and the
+        # test would wait for its timeout instead of reporting the process.
+        with open(out, "w") as o, open(err, "w") as e:
+            rc = subprocess.run(["bash", str(LAUNCH / "slurm_grid.sbatch"), *args], env=run_env,
+                                stdout=o, stderr=e, timeout=timeout, cwd=tmp_path).returncode
     finally:
         left = _left_after(str(ray_tmp))
         sessions = [sorted(f.name for f in (d / "logs").iterdir())
                     for d in (ray_tmp / "ray").glob("session_2*")]
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not left, f"Ray processes left running: {left}"
-    return p, home, sessions
+    return subprocess.CompletedProcess(args, rc, out.read_text(), err.read_text()), home, sessions
 
 
 def _tiny_space(tmp_path: Path, grid: dict) -> str:
@@ -233,7 +237,7 @@ def test_slurm_script_header_commands_parse():
     defaults = re.search(r"python -m poh_tune\.launch grid (.*?) \"\$@\"", text, re.S)
     assert defaults
     base = _launch_argv("python -m poh_tune.launch grid "
-                        + defaults.group(1).replace("\\\n", " ").replace('"$', "X$"))
+                        + defaults.group(1).replace("\\\n", " "))
     usages = _header_commands(script)
     assert usages and all(u.startswith("sbatch launch/slurm_grid.sbatch") for u in usages)
     for usage in usages:
@@ -327,6 +331,11 @@ def test_ray_cluster_mount_needs_the_file_system_id_and_mounts_it(tmp_path):
     region = cfg["provider"]["region"]
     assert mounts[0][mounts[0].index("-t") + 1].startswith("nfs")
     assert mounts[0][-2] == f"{fs_id}.efs.{region}.amazonaws.com:/"
+    # Mounted where the documented run writes, and the run folder is made there.
+    (run,) = [c for c in _header_commands(LAUNCH / "ray_cluster.yaml") if "poh_tune.launch" in c]
+    storage = _parse_cli(_launch_argv(shlex.split(run)[-1].split("&&")[-1])).storage
+    assert storage.startswith(mounts[0][-1].rstrip("/") + "/")
+    assert f"mkdir -p {storage}" in sudo
     assert any(c.startswith("apt-get") and "nfs-common" in c and "tmux" in c for c in sudo)
 
 
