@@ -68,9 +68,7 @@ def run(args: argparse.Namespace) -> int:
         rc = report_interrupted(results, expected, space.base.epochs, resume_line)
     else:
         rc = finish(args.command, space, exp_dir, results, args.no_report)
-        for line in trackers.settle_mlflow(tracking, exp_dir):
-            print(line, file=sys.stderr)
-    for line in trackers.warnings_summary(exp_dir):
+    for line in trackers.after_run(tracking, exp_dir):
         print(line, file=sys.stderr)
     return rc
 

@@ -343,3 +343,13 @@ def settle_mlflow(trackers: Trackers | None, exp_dir: Path) -> list[str]:
         return [f"warning: MLflow ({trackers.mlflow_uri}): could not close the runs left open "
                 f"({type(e).__name__}: {why})"]
     return []
+
+
+def after_run(trackers: Trackers | None, exp_dir: Path) -> list[str]:
+    """The driver's last word on the trackers: MLflow runs left open are closed (settle_mlflow),
+    and one warning line per tracker that failed (warnings_summary, or settle_mlflow's own)."""
+    settled = settle_mlflow(trackers, exp_dir)
+    summary = warnings_summary(exp_dir)
+    if any(line.startswith("warning: MLflow ") for line in summary):
+        settled = []  # the same server, already reported as gone
+    return summary + settled
