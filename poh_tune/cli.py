@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default auto; never packed with --scheduler asha or optuna)")
         s.add_argument("--max-failures", type=int, default=2,
                        help="retries of a trial whose process dies (from its last checkpoint)")
+        s.add_argument("--mlflow", default=None, metavar="TRACKING_URI",
+                       help="also log every configuration to this MLflow tracking server, as "
+                            "one run in the experiment named after the run (needs "
+                            "poh_tune[mlflow])")
+        s.add_argument("--wandb", default=None, metavar="PROJECT",
+                       help="also log every configuration to this W&B project, as one run "
+                            "grouped by the run name; WANDB_MODE=offline writes the files only "
+                            "(needs poh_tune[wandb])")
         s.add_argument("--resume", action="store_true", help="continue an interrupted run")
         s.add_argument("--smoke", action="store_true", help="a tiny task with the same structure")
         s.add_argument("--no-report", action="store_true", help="skip the report at the end")
@@ -109,6 +117,11 @@ def resolve(args: argparse.Namespace) -> tuple[Space, Path, dict[str, Any]]:
     space, exp_dir, launch = (_resolve_resume if args.resume else _resolve_new)(args, storage)
     launch["max_failures"] = args.max_failures
     launch["reuse_actors"] = args.reuse_actors
+    for tracker in ("mlflow", "wandb"):  # a new run's, or --resume's own (else the record's)
+        value = getattr(args, tracker, None)
+        if value is not None and not value.strip():
+            raise UsageError(f"--{tracker}={value!r}: must not be empty")
+        launch[tracker] = value if value is not None else launch.get(tracker)
     launch["progress_every"] = args.progress_every
     return space, exp_dir, launch
 

@@ -21,6 +21,8 @@ TRIAL_FILE = "poh_trial.yaml"  # the resolved config, experiments, trial id (pac
 LOST_TRIAL_FILE = "poh_trial.lost.yaml"  # TRIAL_FILE of a folder no trial of the run owns
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
+TRACKERS_FILE = "trackers.json"  # the configuration's MLflow / W&B run ids (a resume continues them)
+TRACKER_WARNINGS_FILE = "tracker_warnings.txt"  # a tracker that failed mid-run, for the driver
 # The divergence message (a pack's trial folder holds one when all its configurations diverged);
 # retries re-raise it instead of retraining.
 DIVERGED_FILE = ".diverged"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from poh_tune import tuner
+from poh_tune import trackers, tuner
 from poh_tune.cli import UsageError, build_parser, experiment_info, hparam_domains, resolve
 from poh_tune.config import ConfigError
 from poh_tune.io import EXPERIMENT_FILE, TUNER_FILE, atomic_write_text
@@ -27,6 +27,10 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "report":
         return report_command(Path(args.exp_dir), args.out)
     space, exp_dir, launch = resolve(args)
+    try:
+        tracking = trackers.prepare(launch.get("mlflow"), launch.get("wandb"), exp_dir.name)
+    except trackers.TrackerError as e:
+        raise UsageError(str(e)) from None
     tuner.check_dashboard(args.dashboard, args.address)
     if args.address is not None:
         args.address = tuner.check_address(args.address)
@@ -35,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"experiment dir: {exp_dir}\n  tensorboard --logdir {exp_dir}", flush=True)
     tuner.start_ray(args.address, args.num_cpus, args.dashboard)
     tuner.check_trial_fits(launch["cpu"], launch["gpu"], embedded=args.address is None)
-    trainable = tuner.make_trainable(space, launch, membership)
+    trainable = tuner.make_trainable(space, launch, membership, tracking)
     if args.resume:
         run_tuner = tuner.restore_tuner(args.command, space, launch, exp_dir, trainable)
     else:
@@ -61,8 +65,12 @@ def run(args: argparse.Namespace) -> int:
         return 130
     if was_interrupted:
         expected = len(variants) if args.command == "grid" else launch["num_samples"]
-        return report_interrupted(results, expected, space.base.epochs, resume_line)
-    return finish(args.command, space, exp_dir, results, args.no_report)
+        rc = report_interrupted(results, expected, space.base.epochs, resume_line)
+    else:
+        rc = finish(args.command, space, exp_dir, results, args.no_report)
+    for line in trackers.after_run(tracking, exp_dir):
+        print(line, file=sys.stderr)
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:

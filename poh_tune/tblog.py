@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from poh_tune.io import TB_DIR
 from poh_tune.record import ALPHA, PER_ITERATION, PER_SEED
 
 # Scalar metrics of an epoch's record -> "group/name" TensorBoard tags. TensorBoard
@@ -225,3 +226,35 @@ def write_session_end(tb_dir: Path, status: str, epochs_done: int, stopped_early
                                                 session_end_info=sei))
     finally:
         writer.close()
+
+
+class TensorBoardWriter:
+    """A configuration's TensorBoard run, as a RecordWriter (poh_tune.trackers): its HParams
+    session start and grouped scalars in `<folder>/tb/`. How it ended is written by the driver
+    (write_session_end), which also knows whether a scheduler stopped it early.
+    """
+
+    name = "TensorBoard"
+
+    def __init__(self) -> None:
+        self.writer: Any = None
+        self.max_inner_iters = 1
+
+    def open(self, config: dict[str, Any], run: Any) -> bool:
+        """Args: config, the resolved TrialConfig dict; run, a trackers.RunInfo. Returns True
+        when nothing was logged before (a reopened run's event files hold its epochs)."""
+        from tensorboardX import SummaryWriter
+
+        self.max_inner_iters = int(config["max_inner_iters"])
+        self.writer = SummaryWriter(str(Path(run.folder) / TB_DIR), flush_secs=5)
+        if run.epochs_logged == 0:
+            write_session_start(self.writer, config, run.trial_id)
+        return run.epochs_logged == 0
+
+    def epoch(self, record: dict[str, Any], step: int) -> None:
+        for tag, v in tb_scalars(record, self.max_inner_iters).items():
+            self.writer.add_scalar(tag, v, step)
+        self.writer.flush()
+
+    def close(self, status: str) -> None:
+        self.writer.close()

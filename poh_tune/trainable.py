@@ -21,7 +21,6 @@ from poh_tune.io import (
     DIVERGED_FILE,
     METRICS_FILE,
     STATE_FILE,
-    TB_DIR,
     TRIAL_FILE,
     atomic_write_bytes,
     atomic_write_text,
@@ -30,7 +29,8 @@ from poh_tune.io import (
 )
 from poh_tune.record import flat
 from poh_tune.spaces import canonical
-from poh_tune.tblog import tb_scalars, write_session_start
+from poh_tune.tblog import TensorBoardWriter
+from poh_tune.trackers import FAILED, FINISHED, KILLED, RunInfo, Trackers, remote_writers, run_label
 from poh_tune.trainer import TrainingDiverged, TrialRunner
 
 # Test-only fault injection: the trial's process exits hard after this epoch, once.
@@ -99,16 +99,16 @@ def cpu_share() -> int:
 
 
 class TrialFiles:
-    """One configuration's own files: poh_trial.yaml, metrics.jsonl and its TensorBoard run.
+    """One configuration's own files: poh_trial.yaml, metrics.jsonl, and its record writers
+    (poh_tune.trackers): its TensorBoard run, and its MLflow and W&B runs when asked for.
 
     Used by a single-configuration trial (its Tune trial folder) and by each configuration of a
     pack (a sub-folder of the pack's trial folder), so both write the same files.
     """
 
     def __init__(self, folder: Path, cfg: TrialConfig, trial_id: str, experiments: list[str],
-                 extra: dict[str, Any] | None = None):
-        from tensorboardX import SummaryWriter
-
+                 extra: dict[str, Any] | None = None, params: dict[str, Any] | None = None,
+                 trackers: Trackers | None = None):
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.cfg, self.trial_id = folder, cfg, trial_id
         trial_file = folder / TRIAL_FILE
@@ -120,9 +120,15 @@ class TrialFiles:
                  "trial_id": trial_id, **(extra or {})}, sort_keys=False))
         self.metrics_file = folder / METRICS_FILE
         self.logged = last_logged_epoch(self.metrics_file)
-        self.writer = SummaryWriter(str(folder / TB_DIR), flush_secs=5)
-        if self.logged == 0:
-            write_session_start(self.writer, cfg.to_dict(), trial_id)
+        run = RunInfo(name=f"{trial_id} {run_label(params or {})}", trial_id=trial_id,
+                      folder=folder, epochs_logged=self.logged,
+                      tags={"experiments": ",".join(experiments), "folder": str(folder),
+                            **{k: str(v) for k, v in (extra or {}).items()}})
+        self.writers = [TensorBoardWriter(), *remote_writers(trackers)]
+        for w in self.writers:  # a tracker run new to a resumed configuration gets its epochs
+            if w.open(cfg.to_dict(), run) and self.logged:
+                for row in read_metrics(self.metrics_file):
+                    w.epoch(row, int(row["epoch"]))
 
     def log(self, m: dict[str, Any]) -> None:
         """Append one epoch's record; an epoch replayed after a restore is logged once."""
@@ -130,13 +136,15 @@ class TrialFiles:
         if epoch <= self.logged:
             return
         _append_jsonl(self.metrics_file, {**m, "trial_id": self.trial_id})
-        for tag, v in tb_scalars(m, self.cfg.max_inner_iters).items():
-            self.writer.add_scalar(tag, v, epoch)
-        self.writer.flush()
+        for w in self.writers:
+            w.epoch(m, epoch)
         self.logged = epoch
 
-    def close(self) -> None:
-        self.writer.close()
+    def close(self, status: str = FINISHED) -> None:
+        """status: FINISHED, FAILED or KILLED (poh_tune.trackers); the first close counts."""
+        writers, self.writers = self.writers, []
+        for w in writers:
+            w.close(status)
 
 
 def report_epoch(runner: TrialRunner, report: dict[str, Any], checkpoint_due: bool,
@@ -168,7 +176,7 @@ def crash_if_asked(folder: Path, epoch: int, crash_after: int) -> None:
 
 def train_trial(config: dict[str, Any], base: dict[str, Any],
                 membership: dict[str, list[str]] | None = None,
-                checkpoint_every: int = 1) -> None:
+                checkpoint_every: int = 1, trackers: Trackers | None = None) -> None:
     """Tune function trainable.
 
     Args:
@@ -176,6 +184,7 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
         base: the fixed full TrialConfig dict (through tune.with_parameters).
         membership: canonical(config) -> grid experiments this configuration counts for.
         checkpoint_every: epochs between checkpoints (one is also written at the end).
+        trackers: MLflow / W&B settings (poh_tune.trackers.prepare); None: TensorBoard only.
     """
     started_at = time.time()  # wall clock: placement checks compare trials' lifetimes per node
     cfg = from_dict({**base, **config})
@@ -199,7 +208,8 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
             runner.load(Path(d) / CKPT_FILE)
 
     files = TrialFiles(trial_dir, cfg, trial_id,
-                       (membership or {}).get(canonical(dict(config)), []))
+                       (membership or {}).get(canonical(dict(config)), []), params=dict(config),
+                       trackers=trackers)
     node_id = ray.get_runtime_context().get_node_id()
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
     crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
@@ -217,6 +227,7 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
         rows = read_metrics(files.metrics_file)
         tune.report(flat({**(rows[-1] if rows else {"epoch": runner.epoch}), **extra()}))
         return
+    status = FAILED
     try:
         while not runner.done:
             try:
@@ -226,11 +237,17 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
                 raise
             epoch = int(m["epoch"])
             files.log(m)
+            if runner.done:  # before the last report: Tune may end this process right after it
+                files.close(FINISHED)
             report = {**m, **extra()}
             report_epoch(runner, report, epoch % checkpoint_every == 0, state_file, durable)
             crash_if_asked(trial_dir, epoch, crash_after)
+        status = FINISHED
+    except SystemExit:  # how tune.report ends a trial that Tune stops (ASHA, an interruption);
+        status = FINISHED if runner.done else KILLED  # ASHA stops one at max_t as well
+        raise
     finally:
-        files.close()
+        files.close(status)
 
 
 def _score(v: Any, mode: str) -> float:
@@ -241,7 +258,7 @@ def _score(v: Any, mode: str) -> float:
 
 def train_pack(config: dict[str, Any], base: dict[str, Any],
                membership: dict[str, list[str]] | None = None, checkpoint_every: int = 1,
-               metric: str = "tau", mode: str = "max") -> None:
+               metric: str = "tau", mode: str = "max", trackers: Trackers | None = None) -> None:
     """Tune function trainable for a pack: several configurations trained as one ensemble.
 
     Each configuration writes the files of a single-configuration trial to its own folder
@@ -252,12 +269,12 @@ def train_pack(config: dict[str, Any], base: dict[str, Any],
     Args:
         config: {"pack": [the swept params of each configuration]}; a pack of one trains as an
             ordinary trial (train_trial, the same files).
-        base, membership, checkpoint_every: as train_trial.
+        base, membership, checkpoint_every, trackers: as train_trial.
         metric, mode: the search metric, to choose the configuration whose record Tune gets.
     """
     params = list(config["pack"])
     if len(params) == 1:
-        return train_trial(params[0], base, membership, checkpoint_every)
+        return train_trial(params[0], base, membership, checkpoint_every, trackers)
     started_at = time.time()
     cfgs = [from_dict({**base, **p}) for p in params]
     threads = cpu_share()
@@ -278,7 +295,8 @@ def train_pack(config: dict[str, Any], base: dict[str, Any],
             runner.load(Path(d) / CKPT_FILE)
     files = [TrialFiles(pack_dir / config_folder(k), c, f"{pack_id}_c{k}",
                         (membership or {}).get(canonical(dict(p)), []),
-                        extra={"pack_id": pack_id, "pack_index": k})
+                        extra={"pack_id": pack_id, "pack_index": k}, params=dict(p),
+                        trackers=trackers)
              for k, (c, p) in enumerate(zip(cfgs, params, strict=True))]
     node_id = ray.get_runtime_context().get_node_id()
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
@@ -302,6 +320,7 @@ def train_pack(config: dict[str, Any], base: dict[str, Any],
         last = [(read_metrics(f.metrics_file) or [{"epoch": runner.epoch}])[-1] for f in files]
         tune.report(flat(pack_report(last)))
         return
+    status = FAILED
     try:
         while not runner.done:
             records = runner.run_epoch_per_config()
@@ -311,8 +330,11 @@ def train_pack(config: dict[str, Any], base: dict[str, Any],
                     marker = files[k].folder / DIVERGED_FILE
                     if not marker.exists():
                         atomic_write_text(marker, f"{runner.diverged[k]}\n")
+                    files[k].close(FAILED)
                 else:
                     files[k].log(m)
+                    if runner.done:  # before the last report (see train_trial)
+                        files[k].close(FINISHED)
             live = [k for k in range(len(cfgs)) if k not in runner.diverged]
             if not live:
                 msg = "; ".join(f"configuration {k}: {runner.diverged[k]}"
@@ -322,6 +344,10 @@ def train_pack(config: dict[str, Any], base: dict[str, Any],
             report = pack_report(records)
             report_epoch(runner, report, epoch % checkpoint_every == 0, state_file, durable)
             crash_if_asked(pack_dir, epoch, crash_after)
+        status = FINISHED
+    except SystemExit:  # Tune stopped the pack (see train_trial)
+        status = FINISHED if runner.done else KILLED
+        raise
     finally:
-        for f in files:
-            f.close()
+        for k, f in enumerate(files):
+            f.close(FAILED if k in runner.diverged else status)

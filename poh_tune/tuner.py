@@ -167,8 +167,11 @@ def grid_param_space(space: Space, launch: dict[str, Any]
     return {"pack": tune.grid_search(packs)}, None, 1
 
 
-def make_trainable(space: Space, launch: dict[str, Any], membership: dict[str, list[str]]):
-    """The Tune trainable: train_trial, or train_pack when configurations are packed."""
+def make_trainable(space: Space, launch: dict[str, Any], membership: dict[str, list[str]],
+                   trackers: Any = None):
+    """The Tune trainable: train_trial, or train_pack when configurations are packed.
+
+    trackers: poh_tune.trackers.Trackers (MLflow / W&B), or None."""
     from ray import tune
 
     from poh_tune.trainable import train_pack, train_trial
@@ -176,10 +179,12 @@ def make_trainable(space: Space, launch: dict[str, Any], membership: dict[str, l
     if int(launch.get("pack", 1)) > 1:
         fn = tune.with_parameters(train_pack, base=space.base.to_dict(), membership=membership,
                                   checkpoint_every=launch["checkpoint_every"],
-                                  metric=space.metric, mode=space.metric_mode)
+                                  metric=space.metric, mode=space.metric_mode,
+                                  trackers=trackers)
     else:
         fn = tune.with_parameters(train_trial, base=space.base.to_dict(), membership=membership,
-                                  checkpoint_every=launch["checkpoint_every"])
+                                  checkpoint_every=launch["checkpoint_every"],
+                                  trackers=trackers)
     return tune.with_resources(fn, {"cpu": launch["cpu"], "gpu": launch["gpu"]})
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from poh_tune.trainable import CRASH_ENV, METRICS_FILE, TB_DIR, TRIAL_FILE, train_trial
+from poh_tune.io import TB_DIR
+from poh_tune.trainable import CRASH_ENV, METRICS_FILE, TRIAL_FILE, train_trial
 from poh_tune.trainer import TrialRunner
 
 ray = pytest.importorskip("ray")
