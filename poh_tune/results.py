@@ -161,13 +161,25 @@ def retire_lost_trials(exp_dir: Path, rows: list[dict[str, Any]]) -> int:
     return n
 
 
-def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool) -> int:
+def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool,
+           shown: str | None = None) -> int:
     """Write results.csv and best_config.yaml, print the summary, write the report.
 
+    Args:
+        shown: where exp_dir's files are stored when exp_dir is a local mirror of remote
+            storage (a URI): results.csv's trial_dir and the printed paths name it.
     Returns:
         the exit status: 1 when a trial errored, else 0.
     """
     rows = collect(results)
+    where = shown or str(exp_dir)
+
+    def stored(r: dict[str, Any]) -> dict[str, Any]:
+        if shown is None:
+            return r
+        rel = Path(r["trial_dir"]).relative_to(exp_dir).as_posix()
+        return {**r, "trial_dir": f"{shown}/{rel}"}
+
     if command == "optuna":  # each row's Optuna trial number (the searcher records the link)
         import optuna
 
@@ -177,7 +189,7 @@ def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool) 
         numbers = {t.user_attrs.get("ray_trial_id"): t.number for t in study.trials}
         for r in rows:
             r["optuna_trial"] = numbers.get(r["trial_id"], "")
-    atomic_write_text(exp_dir / RESULTS_FILE, _csv_text(rows))
+    atomic_write_text(exp_dir / RESULTS_FILE, _csv_text([stored(r) for r in rows]))
     for r in rows:  # how each trial ended, for TensorBoard's HParams (an ASHA stop included)
         if Path(r["trial_dir"]).is_dir():
             write_session_end(Path(r["trial_dir"]) / TB_DIR, r["status"], int(r["epochs_done"]),
@@ -204,16 +216,19 @@ def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool) 
               f"{exp_dir / STUDY_FILE})")
     best = best_row(rows, space.metric, space.metric_mode)
     if best is not None:
-        write_best_config(best, space.metric, exp_dir / BEST_CONFIG_FILE)
-    print(f"results: {exp_dir / RESULTS_FILE}")
+        write_best_config(best, space.metric, exp_dir / BEST_CONFIG_FILE, f"{where}/"
+                          f"{BEST_CONFIG_FILE}")
+    print(f"results: {where}/{RESULTS_FILE}")
     if not no_report:
-        run_report(exp_dir, None, quiet_missing=True)
-    print(f"experiment dir: {exp_dir}\n  tensorboard --logdir {exp_dir}")
+        run_report(exp_dir, None, quiet_missing=True, shown=shown)
+    print(f"experiment dir: {where}\n  tensorboard --logdir {where}")
     return 1 if n_err else 0
 
 
-def write_best_config(best: dict[str, Any], metric: str, path: Path) -> None:
-    """The best row's configuration to `path` (from its poh_trial.yaml), printed with its scores."""
+def write_best_config(best: dict[str, Any], metric: str, path: Path,
+                      shown: str | None = None) -> None:
+    """The best row's configuration to `path` (from its poh_trial.yaml), printed with its scores
+    (`shown`: where `path` is stored, when that is not here)."""
     cfg = row_config(best)
     if cfg is None:
         print(f"warning: best trial {best['trial_id']}: no readable {TRIAL_FILE} in "
@@ -223,7 +238,7 @@ def write_best_config(best: dict[str, Any], metric: str, path: Path) -> None:
     print(f"best trial {best['trial_id']}: {metric}={best[f'final_{metric}']} "
           f"(best dev tau {best['best_tau']}, test tau {best['test_tau']})")
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
-    print(f"written to {path} (python -m poh_tune.train --config {path})")
+    print(f"written to {shown or path} (python -m poh_tune.train --config {shown or path})")
 
 
 def report_command(exp_dir: Path, out: str | None) -> int:
@@ -239,8 +254,12 @@ def report_command(exp_dir: Path, out: str | None) -> int:
     return run_report(exp_dir, out)
 
 
-def run_report(exp_dir: Path, out: str | None, quiet_missing: bool = False) -> int:
-    """Call poh_tune.report.write_report; a failure is printed, never fatal to a finished run."""
+def run_report(exp_dir: Path, out: str | None, quiet_missing: bool = False,
+               shown: str | None = None) -> int:
+    """Call poh_tune.report.write_report; a failure is printed, never fatal to a finished run.
+
+    `shown`: where exp_dir is stored when it is a local mirror (the printed paths name it).
+    """
     try:
         from poh_tune.report import PLOT_FILES, write_report
     except ImportError as e:
@@ -254,8 +273,9 @@ def run_report(exp_dir: Path, out: str | None, quiet_missing: bool = False) -> i
               file=sys.stderr)
         return 1
     text = path.read_text()
-    plots = [str(path.parent / n) for n in PLOT_FILES if f"]({n})" in text]  # those it shows
-    print(f"report: {path}\nsummary: {path.parent / SUMMARY_FILE}\nplots: "
+    folder = shown if shown is not None and path.parent == exp_dir else str(path.parent)
+    plots = [f"{folder}/{n}" for n in PLOT_FILES if f"]({n})" in text]  # those it shows
+    print(f"report: {folder}/{path.name}\nsummary: {folder}/{SUMMARY_FILE}\nplots: "
           + (", ".join(plots) or "none (nothing to plot)"))
     return 0
 
