@@ -238,7 +238,9 @@ def write_best_config(best: dict[str, Any], metric: str, path: Path,
     print(f"best trial {best['trial_id']}: {metric}={best[f'final_{metric}']} "
           f"(best dev tau {best['best_tau']}, test tau {best['test_tau']})")
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
-    print(f"written to {shown or path} (python -m poh_tune.train --config {shown or path})")
+    train = (f"python -m poh_tune.train --config {path}" if shown is None else
+             f"a local copy of it: python -m poh_tune.train --config {path.name}")
+    print(f"written to {shown or path} ({train})")
 
 
 def report_command(exp_dir: Path, out: str | None) -> int:

@@ -291,7 +291,8 @@ def make_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
     search_alg, param_space, num_samples, n_trials = make_search(command, space, launch, exp_dir)
     from poh_tune.progress import ProgressLine
 
-    reporter = ProgressLine(exp_dir, n_trials, epochs, every_s=float(launch["progress_every"]),
+    shown = exp_dir if remote is None else remote.where(exp_dir.name)
+    reporter = ProgressLine(shown, n_trials, epochs, every_s=float(launch["progress_every"]),
                             metric=space.metric, mode=space.metric_mode,
                             asha=launch["scheduler"] == "asha")
     run_config = tune.RunConfig(
