@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--pack", default="auto", metavar="auto|off|N",
                        help="train up to N grid configurations that share tensor shapes as one "
                             "trial (one ensemble); each keeps its own results row and files. "
-                            "auto: all that share shapes when trials have GPUs, off on CPU "
-                            "(default auto; never packed with --scheduler asha or optuna)")
+                            "auto: with GPUs, those that share shapes, packs split until every "
+                            "GPU slot of the cluster has a trial; off on CPU (default auto; "
+                            "never packed with --scheduler asha or optuna)")
         s.add_argument("--max-failures", type=int, default=2,
                        help="retries of a trial whose process dies (from its last checkpoint)")
         s.add_argument("--resume", action="store_true", help="continue an interrupted run")
