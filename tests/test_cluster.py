@@ -100,12 +100,13 @@ def _fake_gpu_cluster(nodes: int, gpus_per_node: int, cpus_per_node: int):
     return cluster
 
 
-def _auto_packed_grid(cluster, storage: Path, name: str) -> subprocess.CompletedProcess:
+def _auto_packed_grid(cluster, storage: Path, name: str, *extra: str
+                      ) -> subprocess.CompletedProcess:
     """The smoke document grid (11 configurations), --pack auto, one GPU per trial."""
     return subprocess.run(
         [sys.executable, "-m", "poh_tune.launch", "grid", "--smoke", "epochs=1",
          "--address", cluster.address, "--gpus-per-trial", "1", "--cpus-per-trial", "1",
-         "--storage", str(storage), "--name", name, "--no-report"],
+         "--storage", str(storage), "--name", name, "--no-report", *extra],
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
 
@@ -134,7 +135,10 @@ def test_pack_auto_fills_the_gpu_slots_of_the_cluster(tmp_path):
     for name, (nodes, gpus, cpus) in {"gpus8": (2, 4, 4), "gpus1": (1, 1, 2)}.items():
         cluster = _fake_gpu_cluster(nodes, gpus, cpus)
         try:
-            p = _auto_packed_grid(cluster, tmp_path, name)
+            # One slot: the packs run one after another in one reused process (no torch
+            # import per trial).
+            p = _auto_packed_grid(cluster, tmp_path, name,
+                                  *(["--reuse-actors"] if name == "gpus1" else []))
         finally:
             cluster.shutdown()
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
