@@ -11,6 +11,7 @@ from typing import Any
 from poh_tune.config import ConfigError, parse_overrides, read_yaml
 from poh_tune.io import EXPERIMENT_FILE, TUNER_FILE
 from poh_tune.spaces import Space, grid_variants, load_space, resolve_space_path
+from poh_tune.storage import RemoteStorage, StorageError, is_uri, local_path
 
 DEFAULT_SPACE = {"grid": "document_grid.yaml", "optuna": "optuna_refine.yaml"}
 # --pack auto without GPUs: configurations per pack (1 = off). On CPU a pack trains no faster
@@ -44,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="trials Optuna proposes (default: the space's num_samples)")
             s.add_argument("--seed", type=int, default=None, help="TPE seed")
         s.add_argument("--name", default=None, help="run name (default: the space's name)")
-        s.add_argument("--storage", default="poh_runs", help="results root (default ./poh_runs)")
-        s.add_argument("--address", default=None, help="join this Ray cluster instead of an "
-                                                        "embedded local one")
+        s.add_argument("--storage", default="poh_runs",
+                       help="results root: a local folder (default ./poh_runs) or what Ray "
+                            "accepts, s3://BUCKET/PATH, gs://..., a pyarrow file system URI")
+        s.add_argument("--address", default=None, help="join this Ray cluster (HOST:PORT or "
+                                                        "auto) instead of an embedded local one")
         s.add_argument("--dashboard", action="store_true",
                        help="start Ray's dashboard on 127.0.0.1 (embedded Ray; needs ray[default])")
         s.add_argument("--num-cpus", type=int, default=None,
@@ -74,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--pack", default="auto", metavar="auto|off|N",
                        help="train up to N grid configurations that share tensor shapes as one "
                             "trial (one ensemble); each keeps its own results row and files. "
-                            "auto: all that share shapes when trials have GPUs, off on CPU "
-                            "(default auto; never packed with --scheduler asha or optuna)")
+                            "auto: with GPUs, those that share shapes, packs split until every "
+                            "GPU slot of the cluster has a trial; off on CPU (default auto; "
+                            "never packed with --scheduler asha or optuna)")
         s.add_argument("--max-failures", type=int, default=2,
                        help="retries of a trial whose process dies (from its last checkpoint)")
         s.add_argument("--mlflow", default=None, metavar="TRACKING_URI",
@@ -102,6 +106,8 @@ def resolve(args: argparse.Namespace) -> tuple[Space, Path, dict[str, Any]]:
         the space, the experiment dir, and the launch settings (a new run's are written to its
         poh_experiment.yaml; --resume reads them back from there and takes only the settings
         of how it runs, max_failures, reuse_actors and progress_every, from this command line).
+        With a storage URI the experiment dir is a local mirror (a new temporary folder) and
+        `args.remote` the storage (poh_tune.storage); else `args.remote` is None.
     """
     if args.space and "=" in args.space and not Path(args.space).exists():
         args.overrides.insert(0, args.space)  # `launch grid epochs=3`: no space given
@@ -111,7 +117,21 @@ def resolve(args: argparse.Namespace) -> tuple[Space, Path, dict[str, Any]]:
     if args.max_failures < 0:  # Ray reads a negative count as infinitely many retries
         raise UsageError(f"--max-failures={args.max_failures}: must be >= 0 (retries of a trial "
                          f"whose process dies)")
-    storage = Path(args.storage).expanduser().resolve()
+    args.remote = args.mirror = None
+    if is_uri(args.storage):
+        if args.command == "optuna":
+            raise UsageError(f"--storage {args.storage}: launch optuna keeps its study in SQLite "
+                             f"next to the trials, which cannot live in object storage; use a "
+                             f"local or mounted folder (NFS, EFS) for --storage")
+        try:
+            args.remote = RemoteStorage(args.storage)
+            args.remote.check_writable()  # reachable, existing, writable: before Ray starts
+        except StorageError as e:
+            raise UsageError(str(e)) from None
+        # The driver's files are written here and uploaded (poh_tune.storage); launch removes it.
+        storage = args.mirror = Path(tempfile.mkdtemp(prefix="poh_tune_mirror_"))
+    else:
+        storage = Path(local_path(args.storage)).expanduser().resolve()
     if not args.progress_every > 0:
         raise UsageError(f"--progress-every={args.progress_every}: must be > 0 (seconds)")
     space, exp_dir, launch = (_resolve_resume if args.resume else _resolve_new)(args, storage)
@@ -134,7 +154,16 @@ def _resolve_resume(args: argparse.Namespace, storage: Path
                          f"under {storage}")
     exp_dir = storage / args.name
     info_file = exp_dir / EXPERIMENT_FILE
-    if not (exp_dir / TUNER_FILE).exists() or not info_file.exists():
+    remote = args.remote
+    if remote is not None:
+        name = args.name
+        if not remote.exists(f"{name}/{TUNER_FILE}") or not remote.exists(
+                f"{name}/{EXPERIMENT_FILE}"):
+            raise UsageError(f"--resume: nothing to resume in {remote.where(name)} (no "
+                             f"{TUNER_FILE} or {EXPERIMENT_FILE})")
+        exp_dir.mkdir(parents=True)
+        info_file.write_bytes(remote.read_bytes(f"{name}/{EXPERIMENT_FILE}"))
+    elif not (exp_dir / TUNER_FILE).exists() or not info_file.exists():
         raise UsageError(f"--resume: nothing to resume in {exp_dir} (no {TUNER_FILE} or "
                          f"{EXPERIMENT_FILE})")
     info = read_yaml(info_file)
@@ -147,7 +176,8 @@ def _resolve_resume(args: argparse.Namespace, storage: Path
         raise UsageError(f"--resume: {exp_dir} is a {info['mode']} run, not {args.command}")
     launch = info["launch"]
     space = load_space(info["space_file"], launch["overrides"], launch["smoke"])
-    check_storage(storage, args.storage)
+    if remote is None:
+        check_storage(storage, args.storage)
     return space, exp_dir, launch
 
 
@@ -168,8 +198,11 @@ def _resolve_new(args: argparse.Namespace, storage: Path) -> tuple[Space, Path, 
     name = args.name or (space.name + ("_smoke" if args.smoke else ""))
     check_name(name, f"{path}: name")
     exp_dir = storage / name
-    if (exp_dir / TUNER_FILE).exists():
-        raise UsageError(f"{exp_dir} holds a run already: continue it with --resume --name "
+    held = (args.remote.exists(f"{name}/{TUNER_FILE}") if args.remote is not None
+            else (exp_dir / TUNER_FILE).exists())
+    if held:
+        where = args.remote.where(name) if args.remote is not None else exp_dir
+        raise UsageError(f"{where} holds a run already: continue it with --resume --name "
                          f"{name}, or choose another --name")
     cpu = args.cpus_per_trial if args.cpus_per_trial is not None else space.cpu
     gpu = args.gpus_per_trial if args.gpus_per_trial is not None else space.gpu
@@ -196,7 +229,10 @@ def _resolve_new(args: argparse.Namespace, storage: Path) -> tuple[Space, Path, 
     if launch["num_samples"] < 1:
         raise UsageError(f"--num-samples={launch['num_samples']}: must be >= 1")
     launch["pack"] = _pack_size(args, space, launch)
-    check_storage(storage, args.storage)
+    # The packs themselves are planned when Ray has started (its GPU slots): launch.run.
+    launch["pack_auto"] = args.pack == "auto" and launch["pack"] > 1
+    if args.remote is None:
+        check_storage(storage, args.storage)
     return space, exp_dir, launch
 
 

@@ -115,9 +115,10 @@ class ProgressLine(ProgressReporter):
     ("Result logdir: /tmp/ray/session_.../driver_artifacts"), not where the results go.
     """
 
-    def __init__(self, exp_dir: Path, total_trials: int, epochs: int, every_s: float = 30.0,
+    def __init__(self, exp_dir: Path | str, total_trials: int, epochs: int, every_s: float = 30.0,
                  metric: str = "tau", mode: str = "max", asha: bool = False):
-        self.exp_dir, self.total_trials, self.epochs = Path(exp_dir), total_trials, epochs
+        # A str stays one: Path() would fold a storage URI's "s3://" into "s3:/".
+        self.exp_dir, self.total_trials, self.epochs = exp_dir, total_trials, epochs
         self.every_s, self.metric, self.mode, self.asha = every_s, metric, mode, asha
         self._start = time.time()
         self._last = time.monotonic()

@@ -174,13 +174,25 @@ def retire_lost_trials(exp_dir: Path, rows: list[dict[str, Any]]) -> int:
     return n
 
 
-def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool) -> int:
+def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool,
+           shown: str | None = None) -> int:
     """Write results.csv and best_config.yaml, print the summary, write the report.
 
+    Args:
+        shown: where exp_dir's files are stored when exp_dir is a local mirror of remote
+            storage (a URI): results.csv's trial_dir and the printed paths name it.
     Returns:
         the exit status: 1 when a trial errored, else 0.
     """
     rows = collect(results)
+    where = shown or str(exp_dir)
+
+    def stored(r: dict[str, Any]) -> dict[str, Any]:
+        if shown is None:
+            return r
+        rel = Path(r["trial_dir"]).relative_to(exp_dir).as_posix()
+        return {**r, "trial_dir": f"{shown}/{rel}"}
+
     if command == "optuna":  # each row's Optuna trial number (the searcher records the link)
         import optuna
 
@@ -190,7 +202,7 @@ def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool) 
         numbers = {t.user_attrs.get("ray_trial_id"): t.number for t in study.trials}
         for r in rows:
             r["optuna_trial"] = numbers.get(r["trial_id"], "")
-    atomic_write_text(exp_dir / RESULTS_FILE, _csv_text(rows))
+    atomic_write_text(exp_dir / RESULTS_FILE, _csv_text([stored(r) for r in rows]))
     for r in rows:  # how each trial ended, for TensorBoard's HParams (an ASHA stop included)
         if Path(r["trial_dir"]).is_dir():
             write_session_end(Path(r["trial_dir"]) / TB_DIR, r["status"], int(r["epochs_done"]),
@@ -223,11 +235,12 @@ def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool) 
         cfg = write_best_config(best, exp_dir / BEST_CONFIG_FILE)
         if cfg is not None:
             print("\n".join(best_lines(best, space.metric, cfg, space.base,
-                                       exp_dir / BEST_CONFIG_FILE)))
-    print(f"results: {exp_dir / RESULTS_FILE}")
+                                       exp_dir / BEST_CONFIG_FILE,
+                                       None if shown is None else f"{where}/{BEST_CONFIG_FILE}")))
+    print(f"results: {where}/{RESULTS_FILE}")
     if not no_report:
-        run_report(exp_dir, None, quiet_missing=True)
-    print(f"tensorboard --logdir {exp_dir}")
+        run_report(exp_dir, None, quiet_missing=True, shown=shown)
+    print(f"tensorboard --logdir {where}")
     return 1 if n_err else 0
 
 
@@ -243,10 +256,11 @@ def write_best_config(best: dict[str, Any], path: Path) -> TrialConfig | None:
 
 
 def best_lines(best: dict[str, Any], metric: str, cfg: TrialConfig, base: TrialConfig,
-               path: Path) -> list[str]:
+               path: Path, shown: str | None = None) -> list[str]:
     """The best trial in three lines: its label (the keys that differ from the space's base
     config), its metric and test τ to 4 significant digits with their CIs (the small-n rule),
-    and where its configuration went; the whole configuration is in best_config.yaml."""
+    and where its configuration went (`shown`: where `path` is stored, when that is not here);
+    the whole configuration is in best_config.yaml."""
     n = len(cfg.seeds)
 
     def stat(value_key: str, ci_key: str) -> str:
@@ -263,7 +277,8 @@ def best_lines(best: dict[str, Any], metric: str, cfg: TrialConfig, base: TrialC
     return [f"best: {best['trial_id']} ({label})",
             f"  {metric} {stat(f'final_{metric}', f'final_{metric}_ci95')}, test tau at the "
             f"best dev epoch {stat('test_tau', 'test_tau_ci95')} ({over})",
-            f"  {path.name}: {path} (python -m poh_tune.train --config {path})"]
+            f"  {path.name}: {shown or path} (python -m poh_tune.train --config "
+            f"{path if shown is None else 'a local copy of it'})"]
 
 
 def _number(v: Any) -> float:
@@ -286,8 +301,12 @@ def report_command(exp_dir: Path, out: str | None) -> int:
     return run_report(exp_dir, out)
 
 
-def run_report(exp_dir: Path, out: str | None, quiet_missing: bool = False) -> int:
-    """Call poh_tune.report.write_report; a failure is printed, never fatal to a finished run."""
+def run_report(exp_dir: Path, out: str | None, quiet_missing: bool = False,
+               shown: str | None = None) -> int:
+    """Call poh_tune.report.write_report; a failure is printed, never fatal to a finished run.
+
+    `shown`: where exp_dir is stored when it is a local mirror (the printed paths name it).
+    """
     try:
         from poh_tune.report import PLOT_FILES, write_report
     except ImportError as e:
@@ -301,8 +320,9 @@ def run_report(exp_dir: Path, out: str | None, quiet_missing: bool = False) -> i
               file=sys.stderr)
         return 1
     text = path.read_text()
+    folder = shown if shown is not None and path.parent == exp_dir else str(path.parent)
     plots = [n for n in PLOT_FILES if f"]({n})" in text]  # those it shows
-    print(f"report: {path} (beside it: {', '.join([SUMMARY_FILE, *plots])}"
+    print(f"report: {folder}/{path.name} (beside it: {', '.join([SUMMARY_FILE, *plots])}"
           + ("" if plots else "; no plots, nothing to plot") + ")")
     return 0
 

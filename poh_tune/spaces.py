@@ -306,6 +306,32 @@ def pack_variants(base: TrialConfig, variants: list[dict[str, Any]], size: int
     return sorted((c for chunks in groups.values() for c in chunks), key=lambda c: c[0])
 
 
+def plan_packs(base: TrialConfig, variants: list[dict[str, Any]], slots: int
+               ) -> list[list[int]]:
+    """--pack auto with GPUs: pack only as far as the cluster's GPU slots require.
+
+    Start from the largest packs (every configuration that shares shapes together); while there
+    are more slots than packs, split the largest pack in two (its first half keeps the lower
+    indices), until every slot has a trial or every configuration is alone. A graphed step of
+    55 members costs 3.9x one of 5 (GPU_NOTES), so the largest pack is the run's critical path:
+    an idle GPU is better spent on half of it.
+
+    Args:
+        base, variants: as pack_variants.
+        slots: trials the cluster runs at once (its GPUs / GPUs per trial); 0 or 1: pack fully.
+    Returns:
+        Packs of indices into `variants`, ordered by their first member.
+    """
+    packs = pack_variants(base, variants, max(1, len(variants)))
+    while packs and len(packs) < slots:
+        largest = max(packs, key=len)  # the first of the largest
+        if len(largest) == 1:
+            break
+        i, half = packs.index(largest), (len(largest) + 1) // 2
+        packs[i:i + 1] = [largest[:half], largest[half:]]
+    return sorted(packs, key=lambda c: c[0])
+
+
 def resolve_space_path(arg: str | None, default_name: str, next_arg: str | None = None) -> Path:
     """A path as given, or a bare name looked up in search_spaces/.
 

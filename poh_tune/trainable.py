@@ -59,9 +59,11 @@ def trial_storage_dir() -> tuple[Path, bool]:
 
     Returns:
         the folder; True when it is the storage itself (local storage), False for Ray's staging
-        copy (remote storage), where only Tune's checkpoints survive a driver restore.
+        copy (remote storage, synced up with SyncConfig(sync_artifacts=True)), where only Tune's
+        checkpoints decide where a resumed trial continues.
     """
     ctx = tune.get_context()
+    storage = None
     try:
         import pyarrow.fs
 
@@ -70,7 +72,30 @@ def trial_storage_dir() -> tuple[Path, bool]:
             return Path(storage.trial_fs_path), True
     except Exception:  # a remote storage filesystem: fall back to Ray's synced folder
         pass
-    return Path(ctx.get_trial_dir()), False
+    staging = Path(ctx.get_trial_dir())
+    if storage is not None:
+        pull_stored_files(storage.storage_filesystem, storage.trial_fs_path, staging)
+    return staging, False
+
+
+def pull_stored_files(fs, stored: str, staging: Path) -> None:
+    """A resumed trial on remote storage: copy its stored files (no checkpoints) into an empty
+    staging folder, so that its append-only files continue instead of replacing the stored ones
+    at the next sync."""
+    import pyarrow.fs
+
+    if staging.is_dir() and any(staging.iterdir()):
+        return
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(stored, recursive=True,
+                                                     allow_not_found=True))
+    for info in infos:
+        sub = info.path[len(stored):].lstrip("/")
+        if info.type != pyarrow.fs.FileType.File or sub.startswith("checkpoint_"):
+            continue
+        dest = staging / sub
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(info.path) as f:
+            dest.write_bytes(f.read())
 
 
 def save_state(runner: TrialRunner, path: Path) -> None:

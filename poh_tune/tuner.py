@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from poh_tune.cli import UsageError
-from poh_tune.spaces import Space, grid_variants, pack_variants
+from poh_tune.spaces import Space, grid_variants, pack_variants, plan_packs
+from poh_tune.storage import RemoteStorage
 
 # What ray.dashboard.optional_deps imports first (checked without importing ray).
 DASHBOARD_DEPS = ("aiohttp", "aiohttp_cors", "opencensus", "prometheus_client")
@@ -43,6 +44,14 @@ def check_address(address: str) -> str:
         a running head itself and says so quickly when there is none).
     """
     given, source = address, ""
+    if address.startswith("ray://"):
+        # Ray Client runs Tuner.fit on the cluster, away from this process: the progress line,
+        # the results, best_config.yaml and the report are written by this process from the
+        # trial files, which it could not read there.
+        raise UsageError(f"--address {address}: Ray Client (ray://) is not supported: this "
+                         f"launcher must run where the trials' storage is; run it on the head "
+                         f"node, e.g. ray job submit --address http://HEAD:8265 -- python -m "
+                         f"poh_tune.launch ... --address auto")
     if address == "auto":
         env, file = os.environ.get("RAY_ADDRESS", ""), ray_address_file()
         if env and env != "auto":
@@ -149,21 +158,53 @@ def check_trial_fits(cpu: float, gpu: float, embedded: bool) -> None:
     print(f"warning: {msg}; trials wait until such a node joins", file=sys.stderr)
 
 
+def gpu_slots(gpus_per_trial: float) -> int:
+    """Trials with a GPU share that the joined Ray runs at once: its total GPUs / the share."""
+    import ray
+
+    if gpus_per_trial <= 0:
+        return 0
+    total = float(ray.cluster_resources().get("GPU", 0))
+    return int(total / gpus_per_trial + 1e-9)  # 1 / (1/3) is 2.9999...
+
+
+def pack_plan(space: Space, launch: dict[str, Any], slots: int) -> list[list[int]]:
+    """A new grid run's packs (indices into its variants), from --pack and the GPU slots."""
+    variants, _ = grid_variants(space, launch["experiment_names"])
+    if launch.get("pack_auto") and launch["gpu"] > 0:
+        return plan_packs(space.base, variants, slots)
+    return pack_variants(space.base, variants, max(1, int(launch.get("pack", 1))))
+
+
+def grid_packs(space: Space, launch: dict[str, Any]) -> list[list[int]] | None:
+    """The run's packs, None when every configuration is its own trial.
+
+    launch["packs"] is the plan written to the run's record; a record from before it existed
+    has only the most configurations per pack, launch["pack"].
+    """
+    if "packs" in launch:
+        packs = [list(p) for p in launch["packs"]]
+    else:
+        variants, _ = grid_variants(space, launch["experiment_names"])
+        packs = pack_variants(space.base, variants, max(1, int(launch.get("pack", 1))))
+    return packs if any(len(p) > 1 for p in packs) else None
+
+
 def grid_param_space(space: Space, launch: dict[str, Any]
                      ) -> tuple[dict[str, Any], list[dict[str, Any]] | None, int]:
     """A grid's Tune param_space, the points to evaluate, and Tune's num_samples.
 
     Unpacked: one trial per configuration (its swept params, as preset points). Packed: a grid
-    search over packs, each trial's config {"pack": [params, ...]} (spaces.pack_variants);
-    packs cannot be preset points, which Tune assigns leaf by leaf onto the first point's shape.
+    search over packs, each trial's config {"pack": [params, ...]} (grid_packs); packs cannot
+    be preset points, which Tune assigns leaf by leaf onto the first point's shape.
     """
     from ray import tune
 
     variants, _ = grid_variants(space, launch["experiment_names"])
-    size = int(launch.get("pack", 1))
-    if size <= 1:
+    plan = grid_packs(space, launch)
+    if plan is None:
         return dict(variants[0]), variants, len(variants)
-    packs = [[variants[i] for i in p] for p in pack_variants(space.base, variants, size)]
+    packs = [[variants[i] for i in p] for p in plan]
     return {"pack": tune.grid_search(packs)}, None, 1
 
 
@@ -176,7 +217,7 @@ def make_trainable(space: Space, launch: dict[str, Any], membership: dict[str, l
 
     from poh_tune.trainable import train_pack, train_trial
 
-    if int(launch.get("pack", 1)) > 1:
+    if grid_packs(space, launch) is not None:
         fn = tune.with_parameters(train_pack, base=space.base.to_dict(), membership=membership,
                                   checkpoint_every=launch["checkpoint_every"],
                                   metric=space.metric, mode=space.metric_mode,
@@ -217,8 +258,26 @@ def make_search(command: str, space: Space, launch: dict[str, Any], exp_dir: Pat
     return search_alg, {}, launch["num_samples"], launch["num_samples"]
 
 
-def make_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path, trainable):
-    """A new run's Tuner: the grid's trials or an Optuna search, FIFO or ASHA, our progress line."""
+def storage_settings(exp_dir: Path, remote: RemoteStorage | None) -> dict[str, Any]:
+    """RunConfig's storage: the local folder above exp_dir, or the URI's file system and path.
+
+    With remote storage a trial writes its files to its local working folder, which Ray uploads
+    only with sync_artifacts (after every checkpoint and when the trial ends).
+    """
+    from ray import tune
+
+    if remote is None:
+        return {"storage_path": str(exp_dir.parent)}
+    return {"storage_path": remote.root, "storage_filesystem": remote.fs,
+            "sync_config": tune.SyncConfig(sync_artifacts=True)}
+
+
+def make_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path, trainable,
+               remote: RemoteStorage | None = None):
+    """A new run's Tuner: the grid's trials or an Optuna search, FIFO or ASHA, our progress line.
+
+    `remote`: the storage URI's (the experiment then lives there; exp_dir is a local mirror).
+    """
     import numpy as np
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -237,11 +296,12 @@ def make_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
     search_alg, param_space, num_samples, n_trials = make_search(command, space, launch, exp_dir)
     from poh_tune.progress import ProgressLine
 
-    reporter = ProgressLine(exp_dir, n_trials, epochs, every_s=float(launch["progress_every"]),
+    shown = exp_dir if remote is None else remote.where(exp_dir.name)
+    reporter = ProgressLine(shown, n_trials, epochs, every_s=float(launch["progress_every"]),
                             metric=space.metric, mode=space.metric_mode,
                             asha=launch["scheduler"] == "asha")
     run_config = tune.RunConfig(
-        name=exp_dir.name, storage_path=str(exp_dir.parent),
+        name=exp_dir.name, **storage_settings(exp_dir, remote),
         failure_config=tune.FailureConfig(max_failures=launch["max_failures"]),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
         callbacks=[JsonLoggerCallback(), CSVLoggerCallback()], progress_reporter=reporter,
@@ -254,16 +314,19 @@ def make_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
                       run_config=run_config)
 
 
-def restore_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path, trainable):
+def restore_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path, trainable,
+                  remote: RemoteStorage | None = None):
     """The Tuner of an interrupted run, continued where Tune's last snapshot left it."""
     from ray import tune
 
+    where = {} if remote is None else {"storage_filesystem": remote.fs}
+    path = str(exp_dir) if remote is None else remote.path(exp_dir.name)
+
     # tuner.pkl does not keep the param space: a run killed before Tune's first experiment
     # snapshot restores a fresh variant generator that needs it (KeyError otherwise).
-    return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
-                              resume_errored=True,
+    return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                               param_space=grid_param_space(space, launch)[0]
-                              if command == "grid" else {})
+                              if command == "grid" else {}, **where)
 
 
 class _DropTuneRestoreHint(logging.Filter):

@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import yaml
 
 NODES = 2
 GPUS_PER_NODE = 1
@@ -85,3 +86,72 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _fake_gpu_cluster(nodes: int, gpus_per_node: int, cpus_per_node: int):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": cpus_per_node, "num_gpus": gpus_per_node,
+                                      "include_dashboard": False})
+    for _ in range(nodes - 1):
+        cluster.add_node(num_cpus=cpus_per_node, num_gpus=gpus_per_node)
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def _auto_packed_grid(cluster, storage: Path, name: str, *extra: str
+                      ) -> subprocess.CompletedProcess:
+    """The smoke document grid (11 configurations), --pack auto, one GPU per trial."""
+    return subprocess.run(
+        [sys.executable, "-m", "poh_tune.launch", "grid", "--smoke", "epochs=1",
+         "--address", cluster.address, "--gpus-per-trial", "1", "--cpus-per-trial", "1",
+         "--storage", str(storage), "--name", name, "--no-report", *extra],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+
+
+def _trials_and_placements(exp: Path) -> tuple[set[str], dict[str, tuple[str, str]], list[str]]:
+    """Tune trials (a pack's id, or a lone configuration's), where each ran, the configurations."""
+    rows = list(csv.DictReader(open(exp / "results.csv")))
+    assert rows and all(r["status"] == "TERMINATED" for r in rows), rows
+    trials, placed, configs = set(), {}, []
+    for r in rows:
+        trial = r["pack_id"] or r["trial_id"]
+        trials.add(trial)
+        folder = Path(r["trial_dir"]).parent if r["pack_id"] else Path(r["trial_dir"])
+        last = [json.loads(x) for x in open(folder / "result.json")][-1]
+        placed[trial] = (last["node_id"], last["gpu_ids"])
+        spec = yaml.safe_load(open(Path(r["trial_dir"]) / "poh_trial.yaml"))
+        configs.append(json.dumps(spec["config"], sort_keys=True))
+    return trials, placed, configs
+
+
+@pytest.mark.slow
+def test_pack_auto_fills_the_gpu_slots_of_the_cluster(tmp_path):
+    # 8 fake GPUs on two nodes, 1 per trial: at least 8 trials, each on its own GPU. Then 1 GPU:
+    # the 5 packs of shareable shapes. Both train the same 11 configurations.
+    runs = {}
+    for name, (nodes, gpus, cpus) in {"gpus8": (2, 4, 4), "gpus1": (1, 1, 2)}.items():
+        cluster = _fake_gpu_cluster(nodes, gpus, cpus)
+        try:
+            # One slot: the packs run one after another in one reused process (no torch
+            # import per trial).
+            p = _auto_packed_grid(cluster, tmp_path, name,
+                                  *(["--reuse-actors"] if name == "gpus1" else []))
+        finally:
+            cluster.shutdown()
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        runs[name] = (p.stdout, *_trials_and_placements(tmp_path / name))
+
+    out8, trials8, placed8, configs8 = runs["gpus8"]
+    assert len(trials8) >= 8
+    assert len(set(placed8.values())) == 8  # 8 distinct (node, GPU) pairs
+    assert all(gpu in {str(i) for i in range(4)} for _, gpu in placed8.values())
+    assert f"11 configurations in {len(trials8)} trials on 8 GPU slots" in out8
+    out1, trials1, placed1, configs1 = runs["gpus1"]
+    assert len(trials1) == 5
+    assert {gpu for _, gpu in placed1.values()} == {"0"}
+    assert "11 configurations in 5 trials on 1 GPU slots" in out1
+    assert len(configs8) == len(configs1) == 11
+    assert sorted(configs8) == sorted(configs1) and len(set(configs8)) == 11

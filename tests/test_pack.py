@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from poh_tune.spaces import SPACES_DIR, grid_variants, load_space, pack_variants
+from poh_tune.config import pack_key
+from poh_tune.spaces import (
+    SPACES_DIR,
+    grid_variants,
+    load_space,
+    pack_variants,
+    plan_packs,
+)
 from tests.cli_runs import TINY_BASE, WRAPPER, kill_session
 
 
@@ -50,6 +57,36 @@ def test_document_grid_packs():
     assert all(len(s) == 1 for s in shapes)
     assert len({next(iter(s)) for s in shapes}) == 5
     assert [len(p) for p in pack_variants(space.base, variants, 3)] == [1, 3, 1, 1, 1, 3, 1]
+
+
+@pytest.mark.parametrize("slots", [0, 1, 2, 5, 6, 7, 8, 9, 10, 11, 12, 16, 100])
+def test_pack_plan_fills_the_gpu_slots_by_splitting_the_largest_pack(slots):
+    space = load_space(SPACES_DIR / "document_grid.yaml", smoke=True)
+    variants, _ = grid_variants(space)
+    full = pack_variants(space.base, variants, len(variants))
+    plan = plan_packs(space.base, variants, slots)
+    # Every configuration exactly once, each pack within one shape.
+    assert sorted(i for p in plan for i in p) == list(range(len(variants)))
+    assert all(len({pack_key(space.base.replace(**variants[i])) for i in p}) == 1 for p in plan)
+    # Packed fully when the slots are fewer than the full packs; else one trial per slot, until
+    # every configuration is alone.
+    assert len(plan) == max(len(full), min(slots, len(variants)))
+    # Only the pack of 7 is ever split: the configurations alone in `full` stay alone, and the
+    # parts of the 7 differ in size by at most one part-halving (largest first).
+    big = max(full, key=len)
+    parts = [p for p in plan if set(p) <= set(big)]
+    assert [p for p in plan if p not in parts] == [p for p in full if p is not big]
+    assert max(map(len, parts)) <= 2 * min(map(len, parts))
+    assert plan == sorted(plan, key=lambda p: p[0])
+
+
+def test_pack_plan_of_one_slot_and_of_many_shapes():
+    space = load_space(SPACES_DIR / "document_grid.yaml", smoke=True)
+    variants, _ = grid_variants(space)
+    assert plan_packs(space.base, variants, 1) == pack_variants(space.base, variants, 11)
+    assert plan_packs(space.base, variants, 8) != plan_packs(space.base, variants, 7)
+    assert plan_packs(space.base, variants, 64) == [[i] for i in range(11)]
+    assert plan_packs(space.base, [], 4) == []
 
 
 TINY_GRID = {"name": "t", "base": TINY_BASE,
