@@ -174,8 +174,7 @@ def write_regime_plot(points: list[RegimePoint], path: Path) -> Path | None:
                 ax.errorbar(xs, ys, yerr=es, fmt="o-", capsize=4,
                             label=conf if len(configs) > 1 else None)
             ax.set_xticks(range(len(values)), [short_value(v) for v in values])
-            ax.set_xlabel(f + (" (0 = distinct; fewer = more duplicates)"
-                                   if f == "value_levels" else ""))
+            ax.set_xlabel(f + (" (0: distinct)" if f == "value_levels" else ""))
             ax.set_ylabel(DELTA_STATS[stat])
             if len(configs) > 1 and i == 0 and j == 0:
                 ax.legend(fontsize=7)
