@@ -294,7 +294,9 @@ def check_storage(storage: Path, given: str) -> None:
 def experiment_info(command: str, space: Space, launch: dict[str, Any]) -> dict[str, Any]:
     """The run's record, poh_experiment.yaml: what --resume and the report read back."""
     names = launch["experiment_names"]
-    exps = {e.name: {"swept": e.swept, "description": e.description}
+    # "swept": the one key (as before cross-product sweeps), or the list of keys of a product.
+    exps = {e.name: {"swept": e.swept if len(e.keys) <= 1 else list(e.keys),
+                     "description": e.description}
             for e in space.experiments if not names or e.name in names}
     return {"mode": command, "space_file": str(space.path), "metric": space.metric,
             "metric_mode": space.metric_mode, "experiments": exps if command == "grid" else {},

@@ -63,6 +63,9 @@ class TrialConfig:
     train_samples: int = knob(1000, AT_LEAST_1)
     dev_samples: int = knob(300, AT_LEAST_1)
     test_samples: int = knob(300, AT_LEAST_1)
+    # Duplicate values (SPEC "Regimes"): 0 draws L distinct values; K >= 2 draws every value with
+    # replacement from K integer levels spread over [-100, 100) (fewer levels, more duplicates).
+    value_levels: int = knob(0, Range(0, 200))
     # Schedule.
     epochs: int = knob(100, AT_LEAST_1)
     batch_size: int = knob(32, AT_LEAST_1)
@@ -216,6 +219,12 @@ def from_dict(d: dict[str, Any]) -> TrialConfig:
             raise ConfigError(f"{key}={value!r}: must be {RANGES[key]}")
         out[key] = value
     cfg = TrialConfig(**out)
+    if cfg.value_levels == 1:
+        raise ConfigError("value_levels=1: every value would be equal (nothing to sort); use 0 "
+                          "(distinct values) or 2-200 levels")
+    if cfg.value_levels == 0 and cfg.array_len > 200:
+        raise ConfigError(f"array_len={cfg.array_len}: at most 200 distinct values exist in "
+                          f"[-100, 100); use array_len <= 200 or value_levels >= 2 (duplicates)")
     if cfg.d_model % cfg.n_heads:
         raise ConfigError(f"n_heads={cfg.n_heads}: must divide d_model={cfg.d_model}")
     if cfg.temperature_min > cfg.temperature_init:

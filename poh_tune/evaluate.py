@@ -62,7 +62,7 @@ class Evaluator:
             sl = slice(i, i + chunk)
             key = (x[:, sl].shape[1], diagnostics)
             part = self.graphed(key, x[:, sl], obs[:, sl], data.ranks[:, sl],
-                                data.obs_mask[:, sl], temp_S)
+                                data.values[:, sl], data.obs_mask[:, sl], temp_S)
             for k, v in part.items():
                 sums[k] = sums[k] + v if k in sums else v.clone()
         res: list[dict[str, Any]] = [{} for _ in range(S)]
@@ -82,9 +82,13 @@ class Evaluator:
 
     @torch.no_grad()
     def chunk(self, x: torch.Tensor, obs: torch.Tensor, ranks: torch.Tensor,
-              mask: torch.Tensor, temp_S: torch.Tensor) -> dict[str, torch.Tensor]:
+              values: torch.Tensor, mask: torch.Tensor, temp_S: torch.Tensor
+              ) -> dict[str, torch.Tensor]:
         """The metrics of one chunk of samples, summed over its samples: each (S,), or (T, S)
-        and (T, H, S) per iteration. x, obs, ranks, mask: (S, n, L); temp_S: (S,)."""
+        and (T, H, S) per iteration. x, obs, ranks, values, mask: (S, n, L); temp_S: (S,).
+
+        τ reads the values, so a pair of equal values is a pair tied in the target and is not
+        counted (SPEC "Metrics"); accuracy and perfect sorts read the stable-sort ranks."""
         S, n, L = x.shape
         pointer = self.pointer
         sums: dict[str, torch.Tensor] = {}
@@ -105,15 +109,15 @@ class Evaluator:
             order = out.scores
         last = order[-1]
         acc, perfect = sort_accuracy(pred[-1], ranks)
-        add("tau", kendall_tau(last.reshape(-1, L), ranks.reshape(-1, L),
+        add("tau", kendall_tau(last.reshape(-1, L), values.reshape(-1, L),
                                mask.reshape(-1, L)).view(S, n))
-        add("tau_all", kendall_tau(last.reshape(-1, L), ranks.reshape(-1, L)).view(S, n))
+        add("tau_all", kendall_tau(last.reshape(-1, L), values.reshape(-1, L)).view(S, n))
         add("accuracy", acc)
         add("perfect_sort", perfect)
         if self.diagnostics:
-            ranks_T = ranks.expand(T, S, n, L).reshape(-1, L)
+            values_T = values.expand(T, S, n, L).reshape(-1, L)
             mask_T = mask.expand(T, S, n, L).reshape(-1, L)
-            add("tau_iter", kendall_tau(order.reshape(-1, L), ranks_T, mask_T).view(T, S, n))
+            add("tau_iter", kendall_tau(order.reshape(-1, L), values_T, mask_T).view(T, S, n))
             if out.alphas is not None:
                 st = routing_stats(out.alphas)  # each (T, S, n, L)
                 add("entropy_iter", st["entropy"].mean(-1))  # (T, S)

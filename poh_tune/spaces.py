@@ -41,14 +41,33 @@ SMOKE_BASE: dict[str, Any] = dict(
 SMOKE_NUM_SAMPLES = 8
 # Swept integer keys whose values are mapped onto 1, 2, 3, ... under --smoke (count preserved).
 SMOKE_RANKED = ("max_inner_iters", "hrm_period")
+# Swept task sizes, mapped by rank onto start, start + step, ... under --smoke: the smoke run
+# keeps one configuration per value and stays tiny. Other swept task keys (mask_rate,
+# value_levels) cost nothing and keep their values.
+SMOKE_TASK_RANKED: dict[str, tuple[int, int]] = {"array_len": (6, 2), "train_samples": (32, 32)}
 
 
 @dataclass(frozen=True)
 class Experiment:
     name: str
     description: str
-    swept: str | None  # the one key this experiment varies; None = the base config alone
-    values: tuple[Any, ...]
+    # (key, values) per swept key, in the file's order; the configurations are their cross
+    # product (as Ray Tune's grid_search over several keys). (): the base config alone.
+    sweep: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(k for k, _ in self.sweep)
+
+    @property
+    def swept(self) -> str | None:
+        """The one swept key (None: none, or several: see `keys`)."""
+        return self.sweep[0][0] if len(self.sweep) == 1 else None
+
+    def points(self) -> list[dict[str, Any]]:
+        """The swept params of every configuration: the cross product, the first key slowest."""
+        return [dict(zip(self.keys, combo, strict=True))
+                for combo in itertools.product(*(v for _, v in self.sweep))]
 
 
 @dataclass(frozen=True)
@@ -115,17 +134,20 @@ def _experiments(path: Path, raw: Any, base: TrialConfig) -> tuple[Experiment, .
                 **_mapping(path, f"experiments.{name}", spec, tuple(EXPERIMENT_DEFAULTS))}
         sweep = _mapping(path, f"experiments.{name}.sweep", spec["sweep"],
                          tuple(TrialConfig.__dataclass_fields__))
-        if len(sweep) > 1:
-            raise _err(path, f"experiments.{name}.sweep: sweeps one key, got {', '.join(sweep)}")
-        swept, values = (next(iter(sweep.items())) if sweep else (None, [None]))
-        if swept is not None:
+        for key, values in sweep.items():
             if not isinstance(values, list) or not values:
-                raise _err(path, f"experiments.{name}.sweep.{swept}={values!r}: expected a "
+                raise _err(path, f"experiments.{name}.sweep.{key}={values!r}: expected a "
                                  f"non-empty list of values")
+            if len({canonical({"v": v}) for v in values}) != len(values):
+                raise _err(path, f"experiments.{name}.sweep.{key}={values!r}: a value is listed "
+                                 f"twice")
             for v in values:  # type-checked against TrialConfig, with the base config around it
-                _config(path, f"experiments.{name}.sweep.{swept}", {**base.to_dict(), swept: v})
-        out.append(Experiment(str(name), str(spec["description"]), swept,
-                              tuple(values)))
+                _config(path, f"experiments.{name}.sweep.{key}", {**base.to_dict(), key: v})
+        exp = Experiment(str(name), str(spec["description"]),
+                         tuple((str(k), tuple(v)) for k, v in sweep.items()))
+        for point in exp.points():  # a combination can break a cross-key rule (n_heads | d_model)
+            _config(path, f"experiments.{name}.sweep {point}", {**base.to_dict(), **point})
+        out.append(exp)
     return tuple(out)
 
 
@@ -210,7 +232,7 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None,
         base, experiments = _smoke(path, base, experiments)
         num_samples, grace = min(num_samples, SMOKE_NUM_SAMPLES), 1
     if overrides:
-        swept = {e.swept for e in experiments} | set(raw.get("search") or {})
+        swept = {k for e in experiments for k in e.keys} | set(raw.get("search") or {})
         clash = sorted(set(overrides) & swept)
         if clash:
             raise _err(path, f"{clash[0]} is swept by this space; it cannot be overridden")
@@ -223,23 +245,38 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None,
 
 def _smoke(path: Path, base: TrialConfig,
            experiments: tuple[Experiment, ...]) -> tuple[TrialConfig, tuple[Experiment, ...]]:
-    """Shrink the task; map swept iteration counts / periods onto 1, 2, 3, ... by rank."""
+    """Shrink the task; map swept iteration counts / periods onto 1, 2, 3, ... and swept
+    task sizes onto small distinct ones, by rank (so no two configurations merge)."""
     small = base.replace(**SMOKE_BASE)
-    ranks: dict[str, dict[Any, int]] = {}
+    swept_values: dict[str, set[Any]] = {}
+    for e in experiments:
+        for k, values in e.sweep:
+            if k in SMOKE_RANKED or k in SMOKE_TASK_RANKED:
+                swept_values.setdefault(k, set()).update(values)
+    ranks: dict[str, dict[Any, Any]] = {}
     for key in SMOKE_RANKED:
-        vals = {getattr(base, key)} | {v for e in experiments if e.swept == key for v in e.values}
+        vals = {getattr(base, key)} | swept_values.get(key, set())
         ranks[key] = {v: i + 1 for i, v in enumerate(sorted(vals))}
-    if any(e.swept in ranks for e in experiments):
+    if any(k in ranks for k in swept_values):
         small = small.replace(**{k: r[getattr(base, k)] for k, r in ranks.items()})
+    for key, (start, step) in SMOKE_TASK_RANKED.items():
+        if key in swept_values:  # only a swept one: an unswept key keeps SMOKE_BASE's value
+            vals = sorted({getattr(base, key)} | swept_values[key])
+            ranks[key] = {v: start + step * i for i, v in enumerate(vals)}
+            small = small.replace(**{key: ranks[key][getattr(base, key)]})
     exps = []
     for e in experiments:
-        values = tuple(ranks[e.swept][v] for v in e.values) if e.swept in ranks else e.values
+        sweep = tuple((k, tuple(ranks[k][v] for v in vals) if k in ranks else vals)
+                      for k, vals in e.sweep)
         # The file's description quotes the full task's values; say what the smoke run sweeps.
-        what = (f"{e.swept} {', '.join(map(str, values))}" if e.swept is not None
+        what = ("; ".join(f"{k} {', '.join(map(str, vals))}" for k, vals in sweep) if sweep
                 else "the base configuration")
         exps.append(Experiment(e.name, f"smoke run: {what} on the tiny task (full grid: "
-                                       f"{e.description or e.name})", e.swept, values))
+                                       f"{e.description or e.name})", sweep))
     _config(path, "smoke", small.to_dict())
+    for e in exps:
+        for point in e.points():
+            _config(path, f"smoke: experiments.{e.name}.sweep {point}", {**small.to_dict(), **point})
     return small, tuple(exps)
 
 
@@ -265,15 +302,13 @@ def grid_variants(space: Space, names: list[str] | None = None
                 raise ConfigError(f"{space.path}: unknown experiment {n!r}{suggest(n, known)}; "
                                   f"experiments: {', '.join(known)}")
         chosen = [e for e in chosen if e.name in names]
-    swept = sorted({e.swept for e in chosen if e.swept is not None})
+    swept = sorted({k for e in chosen for k in e.keys})
     base = space.base.to_dict()
     variants: list[dict[str, Any]] = []
     membership: dict[str, list[str]] = {}
     for e in chosen:
-        for v in e.values:
-            params = {k: base[k] for k in swept}
-            if e.swept is not None:
-                params[e.swept] = v
+        for point in e.points() if e.sweep else [{}]:
+            params = {**{k: base[k] for k in swept}, **point}
             key = canonical(params)
             if key not in membership:
                 variants.append(params)

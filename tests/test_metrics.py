@@ -95,3 +95,30 @@ def test_mean_ci95_gives_no_half_width_below_three_values():
     m, hw = mean_ci95([0.4, 0.6])
     assert m == pytest.approx(0.5) and math.isnan(hw)
     assert math.isfinite(mean_ci95([0.4, 0.5, 0.6])[1])
+
+
+def test_equal_values_are_target_ties_not_counted():
+    """τ on a task with duplicate values (SPEC "Metrics"): a pair of equal values is not counted.
+
+    Checked against the brute-force loop and against scipy's tau-b: with no ties in the
+    prediction, (C - D) / (pairs not tied in the target) = tau_b * sqrt(n0 / (n0 - n1))."""
+    from scipy import stats
+
+    from poh_tune.data import make_split
+
+    d = make_split(48, 12, 0.0, seed=4, value_levels=4)
+    g = torch.Generator().manual_seed(1)
+    pred = torch.randn(48, 12, generator=g)  # no ties in the prediction
+    got = kendall_tau(pred, d.values)
+    for b in range(48):
+        p, v = pred[b].tolist(), d.values[b].tolist()
+        assert got[b].item() == pytest.approx(tau_reference(p, v, None), abs=1e-6)
+        n0 = 12 * 11 / 2
+        n1 = sum(c * (c - 1) / 2 for c in torch.unique(d.values[b], return_counts=True)[1].tolist())
+        tau_b = stats.kendalltau(p, v, variant="b").statistic
+        assert got[b].item() == pytest.approx(tau_b * math.sqrt(n0 / (n0 - n1)), abs=1e-6)
+    # The stable-sort ranks would count equal values by position: a prediction that keeps
+    # equal values in reverse position order scores 1 on values, less on the ranks.
+    rev = d.values.float() - torch.arange(12) * 1e-3  # equal values: later position first
+    assert torch.allclose(kendall_tau(rev, d.values), torch.ones(48))
+    assert (kendall_tau(rev, d.ranks) < 1).all()

@@ -351,3 +351,50 @@ def test_driver_killed_then_resumed_with_packs(tmp_path):
                     assert _close(ma[k], mb[k]), (k, ma[k], mb[k])
     for f, data in finished.items():  # the finished pack was not rerun
         assert f.read_bytes() == data
+
+
+# A cross-product sweep (model x lr_encoder) and a task sweep sharing its base point:
+# 4 + 2 listed, 5 configurations; packs: baseline x 2 lr, pot x 2 lr (L=4), pot L=6 alone.
+CROSS_GRID = {"name": "x", "base": {**TINY_BASE, "epochs": 3, "seeds": [1, 2],
+                                    "lr_encoder": 0.001},
+              "experiments": {
+                  "model_lr": {"sweep": {"model": ["baseline", "pot"],
+                                         "lr_encoder": [0.001, 0.002]}},
+                  "length": {"sweep": {"array_len": [4, 6]}}}}
+
+
+@pytest.mark.slow
+def test_cross_product_grid_packed_and_alone_give_the_same_results_and_files(tmp_path):
+    space = tmp_path / "x.yaml"
+    space.write_text(yaml.safe_dump(CROSS_GRID, sort_keys=False))  # the file's order is kept
+    for name, pack in (("packed", "5"), ("alone", "off")):
+        p = _launch("grid", str(space), "--pack", pack, "--storage", str(tmp_path), "--name",
+                    name, "--num-cpus", "2")
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    packed, alone = _by_config(tmp_path / "packed"), _by_config(tmp_path / "alone")
+    assert set(packed) == set(alone) and len(packed) == 5
+    combos = {(json.loads(k)["model"], json.loads(k)["lr_encoder"], json.loads(k)["array_len"])
+              for k in packed}
+    assert combos == {("baseline", 0.001, 4), ("baseline", 0.002, 4), ("pot", 0.001, 4),
+                      ("pot", 0.002, 4), ("pot", 0.001, 6)}
+    assert sorted(Counter(r["row"]["pack_id"] for r in packed.values()).values()) == [1, 2, 2]
+    for key, a in alone.items():
+        b = packed[key]
+        cfg = json.loads(key)
+        shared = (cfg["model"], cfg["lr_encoder"], cfg["array_len"]) == ("pot", 0.001, 4)
+        assert a["spec"]["experiments"] == b["spec"]["experiments"] == (
+            ["model_lr", "length"] if shared else
+            ["length"] if cfg["array_len"] == 6 else ["model_lr"])
+        assert a["row"]["status"] == b["row"]["status"] == "TERMINATED"
+        _same_metrics(a, b)
+    for name in ("packed", "alone"):
+        exp = tmp_path / name
+        info = yaml.safe_load((exp / "poh_experiment.yaml").read_text())
+        assert info["experiments"]["model_lr"]["swept"] == ["model", "lr_encoder"]
+        assert info["experiments"]["length"]["swept"] == "array_len"
+        text = (exp / "report.md").read_text()
+        assert "| model | lr_encoder | configuration |" in text
+        assert "| array_len | configuration |" in text
+        assert "## Regimes" in text  # array_len is a task factor with a baseline at L=4 only
+        with open(exp / "summary.csv") as f:
+            assert len(list(csv.DictReader(f))) == 5

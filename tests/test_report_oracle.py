@@ -53,3 +53,36 @@ def test_oracle_values():
     # The task's own range is the default; an explicit one gives the same value.
     assert oracle_all_pairs_tau(20, 0.5, value_low=-100, value_high=100) == oracle_all_pairs_tau(
         20, 0.5)
+
+
+def _simulate_levels_oracle(L: int, mask_rate: float, k: int, n: int, seed: int,
+                            place: float | None = None) -> tuple[float, float]:
+    """Plain simulation of the ceiling with duplicates: values i.i.d. over k levels, hidden ones
+    at the levels' median (or at `place`), pairs of equal values left out of τ."""
+    rng = np.random.default_rng(seed)
+    nvis = max(2, int(L * (1 - mask_rate)))
+    lv = np.array([-100 + (i * 200) // k for i in range(k)])
+    spot = float(np.median(lv)) if place is None else place
+    iu = np.triu_indices(L, 1)
+    taus = []
+    for _ in range(n):
+        vals = rng.choice(lv, size=L, replace=True)
+        pred = np.concatenate([vals[:nvis].astype(float), np.full(L - nvis, spot)])
+        t = np.sign(vals[:, None] - vals[None, :])[iu]
+        p = np.sign(pred[:, None] - pred[None, :])[iu]
+        taus.append((p * t).sum() / max(1, (t != 0).sum()))
+    return float(np.mean(taus)), float(np.std(taus, ddof=1) / math.sqrt(n))
+
+
+@pytest.mark.parametrize("L,mask,k", [(20, 0.5, 4), (20, 0.5, 10), (12, 0.3, 5)])
+def test_ceiling_with_duplicate_values_matches_a_plain_simulation(L, mask, k):
+    got = oracle_all_pairs_tau(L, mask, value_levels=k)
+    mc, se = _simulate_levels_oracle(L, mask, k, 3000, seed=k)
+    assert abs(got - mc) < 4 * se + 0.003  # the report's own estimate has its own MC error
+    # the median beats a spot at either end (a spot between the two middle levels ties it)
+    for end in (-100.0, 100.0):
+        other, _ = _simulate_levels_oracle(L, mask, k, 3000, seed=k, place=end)
+        assert mc > other + 4 * se
+    assert oracle_all_pairs_tau(L, 0.0, value_levels=k) == pytest.approx(1.0)
+    # distinct values (0) keep the exact ceiling
+    assert oracle_all_pairs_tau(L, mask, value_levels=0) == oracle_all_pairs_tau(L, mask)

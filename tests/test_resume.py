@@ -190,3 +190,43 @@ def test_ctrl_c_exits_130_counts_trials_truthfully_and_resume_completes(tmp_path
         assert logged_epochs(r["trial_dir"]) == list(range(1, epochs + 1))
     assert (exp / "best_config.yaml").exists()
 
+
+
+@pytest.mark.slow
+def test_cross_product_grid_killed_then_resumed_finishes_every_combination(tmp_path):
+    """A packed cross-product grid (model x lr_encoder: two packs of two) killed mid-run, then
+    --resume: every combination ends once, its epochs logged once, its experiment intact."""
+    from test_launch import check_trial_dirs
+
+    from tests.cli_runs import TINY_BASE
+
+    epochs = 12
+    space = tmp_path / "x.yaml"
+    space.write_text(yaml.safe_dump({"name": "x", "base": {**TINY_BASE, "epochs": epochs,
+                                                           "train_samples": 128},
+                                     "experiments": {"m_lr": {"sweep": {
+                                         "model": ["baseline", "pot"],
+                                         "lr_encoder": [0.001, 0.002]}}}}))
+    exp = tmp_path / "x"
+    common = ["--storage", str(tmp_path), "--name", "x", "--no-report", "--num-cpus", "2"]
+    proc = launch_popen(["grid", str(space), "--pack", "2", "--max-concurrent", "1", *common])
+
+    def counts() -> list[int]:
+        return [f.read_bytes().count(b"\n") for f in exp.glob("*/c*/metrics.jsonl")]
+
+    if not wait_for(lambda: any(0 < c <= epochs // 2 for c in counts()), proc):
+        pytest.fail("the run ended before it could be killed:\n" + kill_session(proc)[-3000:])
+    kill_session(proc)
+    assert not (exp / "results.csv").exists()
+    p = subprocess.run([sys.executable, "-m", "poh_tune.launch", "grid", "--resume", *common],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = results_rows(exp)
+    assert sorted((r["config.model"], float(r["config.lr_encoder"])) for r in rows) == [
+        ("baseline", 0.001), ("baseline", 0.002), ("pot", 0.001), ("pot", 0.002)]
+    assert all(r["status"] == "TERMINATED" for r in rows)
+    assert len({r["pack_id"] for r in rows}) == 2  # two packs, each of one model
+    check_trial_dirs(rows, epochs)
+    for r in rows:
+        assert yaml.safe_load(open(f"{r['trial_dir']}/poh_trial.yaml"))["experiments"] == ["m_lr"]
+        assert logged_epochs(r["trial_dir"]) == list(range(1, epochs + 1))

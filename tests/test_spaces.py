@@ -74,7 +74,16 @@ GOOD_GRID = "base: {epochs: 2}\nexperiments:\n  a: {sweep: {max_inner_iters: [1,
      "max_inner_iters='two': expected an integer"),
     ("experiments:\n  a: {sweep: {hrm_period: [0]}}\n", "hrm_period=0: must be >= 1"),
     ("experiments:\n  a: {sweep: {max_inner_iters: 3}}\n", "non-empty list"),
-    ("experiments:\n  a: {sweep: {max_inner_iters: [1], hrm_period: [1]}}\n", "sweeps one key"),
+    ("experiments:\n  a: {sweep: {max_inner_iters: [1], hrm_period: 2}}\n",
+     "experiments.a.sweep.hrm_period=2: expected a non-empty list"),
+    ("experiments:\n  a: {sweep: {model: [pot], array_len: [12, 12]}}\n",
+     "experiments.a.sweep.array_len=\\[12, 12\\]: a value is listed twice"),
+    ("experiments:\n  a: {sweep: {model: [pot], value_levels: [0, 1]}}\n", "value_levels=1"),
+    ("experiments:\n  a: {sweep: {model: [pot], arry_len: [12]}}\n",
+     "unknown key 'arry_len'.*did you mean 'array_len'"),
+    # each value fits the base; one combination does not
+    ("experiments:\n  a: {sweep: {d_model: [32, 36], n_heads: [4, 8]}}\n",
+     "sweep \\{'d_model': 36, 'n_heads': 8\\}: n_heads=8: must divide d_model=36"),
     ("search:\n  entropy_reg: {type: loguniform, low: 0, high: 0.01}\n",
      "entropy_reg.low=0: a log-uniform bound must be > 0"),
     ("search:\n  entropy_reg: {type: normal, low: 0.1, high: 1}\n", "type='normal'"),
@@ -124,3 +133,105 @@ def test_what_a_file_leaves_out_takes_the_file_defaults(tmp_path):
     part = load_space(_write(tmp_path, "asha: {reduction_factor: 3}\nresources: {gpu: 0.5}\n"
                                        "experiments: {a: {}}\n"))
     assert (part.grace_period, part.reduction_factor, part.cpu, part.gpu) == (1, 3, 1.0, 0.5)
+
+
+CROSS = """base: {epochs: 2, model: pot, array_len: 20}
+experiments:
+  length:
+    sweep: {model: [baseline, pot], array_len: [12, 20, 50]}
+  samples:
+    sweep: {model: [baseline, pot], train_samples: [100, 1000]}
+  single:
+    sweep: {max_inner_iters: [6, 12]}
+"""
+
+
+def test_cross_product_sweeps_give_every_combination_deduplicated(tmp_path):
+    import itertools
+
+    space = load_space(_write(tmp_path, CROSS))
+    length = space.experiments[0]
+    assert length.keys == ("model", "array_len") and length.swept is None
+    expected = [dict(model=m, array_len=n) for m, n in itertools.product(
+        ["baseline", "pot"], [12, 20, 50])]
+    assert length.points() == expected
+    variants, membership = grid_variants(space, ["length"])
+    assert len(variants) == 6
+    assert [{k: v[k] for k in ("model", "array_len")} for v in variants] == expected
+    variants, membership = grid_variants(space)
+    # 6 + 4 + 2 listed; (model, L=20, 1000 samples, 12 iterations) is in all three (pot) or two
+    # (baseline) experiments.
+    listed = 6 + 4 + 2
+    spec_pot = {"model": "pot", "array_len": 20, "train_samples": 1000, "max_inner_iters": 12}
+    spec_base = {**spec_pot, "model": "baseline"}
+    assert len(variants) == listed - 2 - 1
+    assert len({canonical(v) for v in variants}) == len(variants)
+    assert membership[canonical(spec_pot)] == ["length", "samples", "single"]
+    assert membership[canonical(spec_base)] == ["length", "samples"]
+    assert sum(len(m) for m in membership.values()) == listed
+    # the one-key syntax of before: same Experiment, one key
+    single = space.experiments[2]
+    assert single.swept == "max_inner_iters" and single.points() == [
+        {"max_inner_iters": 6}, {"max_inner_iters": 12}]
+    with pytest.raises(ConfigError, match="array_len is swept"):
+        load_space(_write(tmp_path, CROSS), overrides={"array_len": 30})
+
+
+def test_smoke_keeps_a_swept_task_key_distinct_and_small(tmp_path):
+    full = load_space(_write(tmp_path, CROSS))
+    small = load_space(_write(tmp_path, CROSS), smoke=True)
+    fv, _ = grid_variants(full)
+    sv, membership = grid_variants(small)
+    assert len(sv) == len(fv)  # no two configurations merged
+    lengths = sorted({v["array_len"] for v in sv})
+    samples = sorted({v["train_samples"] for v in sv})
+    assert len(lengths) == 3 and len(samples) == 2
+    assert max(lengths) < 12 and max(samples) < 100  # tiny, in the same order
+    by_full = {canonical(a): canonical(b) for a, b in zip(fv, sv, strict=True)}
+    _, full_membership = grid_variants(full)
+    assert {by_full[k]: m for k, m in full_membership.items()} == membership
+    # the base takes the rank of its own value among the swept ones (20 is the middle length)
+    assert small.base.array_len == lengths[1] and small.base.train_samples == samples[1]
+    # an unswept task key keeps the smoke task's value
+    assert load_space(GRID, smoke=True).base.train_samples == 64
+
+
+def test_regimes_space_pairs_baseline_and_poh_on_every_task():
+    space = load_space(SPACES_DIR / "regimes.yaml")
+    variants, membership = grid_variants(space)
+    task_keys = ("array_len", "mask_rate", "train_samples", "value_levels")
+    tasks = {tuple(v[k] for k in task_keys) for v in variants}
+    assert len(tasks) >= 6
+    for task in tasks:  # a baseline and a PoH-HRM configuration on each task
+        models = sorted(v["model"] for v in variants if tuple(v[k] for k in task_keys) == task)
+        assert models == ["baseline", "pot"]
+    spec = tuple(getattr(space.base, k) for k in task_keys)
+    assert spec == (20, 0.5, 1000, 0)
+    for key in task_keys:  # one factor at a time around the SPEC point
+        along = {t for t in tasks if all(t[i] == spec[i] for i, k in enumerate(task_keys)
+                                         if k != key)}
+        assert len(along) >= 3, key
+    lengths = {t[0] for t in tasks}
+    samples = {t[2] for t in tasks}
+    masks = {t[1] for t in tasks}
+    assert min(lengths) <= 12 and max(lengths) >= 50
+    assert min(samples) <= 100 and max(samples) >= 1000
+    assert min(masks) <= 0.3 and max(masks) >= 0.7
+    assert space.base.controller == "hrm" and space.base.max_inner_iters == 12
+    assert space.base.hrm_period == 4
+    assert len(load_space(SPACES_DIR / "regimes.yaml", smoke=True).experiments) == 4
+
+
+def test_cross_product_hparams_domains_list_every_swept_key(tmp_path):
+    from poh_tune.cli import hparam_domains
+    from poh_tune.tblog import hparams_experiment
+
+    space = load_space(_write(tmp_path, CROSS))
+    domains = hparam_domains("grid", space, {"experiment_names": []})
+    assert domains == {"array_len": {"values": [12, 20, 50]},
+                       "max_inner_iters": {"values": [6, 12]},
+                       "model": {"values": ["baseline", "pot"]},
+                       "train_samples": {"values": [100, 1000]}}
+    exp = hparams_experiment(space.base.to_dict(), domains)
+    differs = {h.name for h in exp.hparam_infos if h.differs}
+    assert differs == set(domains)

@@ -11,6 +11,7 @@ from poh_tune.io import REPORT_FILE, SUMMARY_FILE, atomic_write_text
 from poh_tune.report.load import ReportError, load_experiment
 from poh_tune.report.markdown import render_markdown
 from poh_tune.report.plots import PLOT_FILES, write_plots
+from poh_tune.report.regimes import regime_section
 from poh_tune.report.summary import summary_frame
 
 
@@ -31,7 +32,8 @@ def write_report(exp_dir: str | Path, out_dir: str | Path | None = None) -> Path
     plots = write_plots(exp, labels, out)
     atomic_write_text(out / SUMMARY_FILE, summary.to_csv(index=False))
     path = out / REPORT_FILE
-    atomic_write_text(path, render_markdown(exp, summary, plots))
+    regimes = regime_section(exp, summary, labels, out)  # [] without PoH-baseline pairs
+    atomic_write_text(path, "\n".join([render_markdown(exp, summary, plots), *regimes]))
     return path
 
 

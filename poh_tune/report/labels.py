@@ -78,6 +78,20 @@ def config_labels(trials: list[Trial]) -> dict[str, str]:
     return {t.trial_id: trial_label(t, keys, digits) for t in trials}
 
 
+def swept_keys(info: dict[str, Any] | None) -> list[str]:
+    """The keys an experiment of poh_experiment.yaml sweeps: its "swept" entry is one key, a
+    list of keys (a cross product) or None (the base alone: then the model sets trials apart)."""
+    swept = (info or {}).get("swept")
+    if isinstance(swept, list) and swept:
+        return [str(k) for k in swept]
+    return [str(swept)] if swept else ["model"]
+
+
+def swept_label(trial: Trial, keys: list[str]) -> str:
+    """`key=value` of each swept key, e.g. "model=pot array_len=50"."""
+    return " ".join(f"{k}={short_value(trial.config.get(k))}" for k in keys)
+
+
 def named(trial_id: str, label: str) -> str:
     """A legend entry or table cell that carries the trial id the tables share."""
     return f"{trial_id}: {label}"

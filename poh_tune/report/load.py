@@ -15,7 +15,8 @@ from poh_tune.io import EXPERIMENT_FILE, METRICS_FILE, RESULTS_FILE, TRIAL_FILE,
 
 # A setting missing from a trial's poh_trial.yaml is TrialConfig's default, as for the run itself.
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(TrialConfig)}
-TASK_KEYS = ("array_len", "mask_rate", "train_samples")  # a PoH config is compared within its task
+# A PoH config is compared within its task (the baseline of the same task).
+TASK_KEYS = ("array_len", "mask_rate", "train_samples", "value_levels")
 # Settings a baseline (one pass, no PoH block, no controller) does not use: left out of its label
 # and of the choice of the baseline a PoH configuration is compared with.
 POH_ONLY_KEYS = frozenset({
@@ -60,7 +61,7 @@ class Trial:
         return self.config.get(key, DEFAULTS[key])
 
     def task(self) -> tuple:
-        return tuple(self.config.get(k) for k in TASK_KEYS)
+        return tuple(self.setting(k) for k in TASK_KEYS)  # a key an older file lacks: default
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from poh_tune.fmt import MIN_CI_SEEDS, RATE_RANGE, TAU_RANGE, ci_shown, ci_text, sig
-from poh_tune.report.labels import config_labels, named, sort_key
+from poh_tune.report.labels import config_labels, named, sort_key, swept_keys
 from poh_tune.report.load import Experiment, Trial, trial_status
 from poh_tune.report.plots import PLOT_FILES
 from poh_tune.report.stats import (
@@ -126,14 +126,14 @@ def _sweeps_section(exp: Experiment, ids: dict[str, str]) -> list[str]:
         members = [t for t in exp.trials if name in t.experiments]
         if not members:
             continue
-        key = info.get("swept") or "model"
-        members.sort(key=lambda t: (sort_key(t.config.get(key)), t.trial_id))
+        keys = swept_keys(info)  # several for a cross-product sweep
+        members.sort(key=lambda t: (*(sort_key(t.config.get(k)) for k in keys), t.trial_id))
         lines += [f"### {name}", ""]
         if info.get("description"):
             lines += [str(info["description"]), ""]
-        rows = [[t.config.get(key), ids[t.trial_id], t.status,
+        rows = [[*(t.config.get(k) for k in keys), ids[t.trial_id], t.status,
                  *(_stat_cell(t, s) for s in STAT_KEYS)] for t in members]
-        lines += _table([key, "configuration", "status", *STAT_KEYS.values()], rows)
+        lines += _table([*keys, "configuration", "status", *STAT_KEYS.values()], rows)
     return ["## Sweeps", "", *lines] if lines else []
 
 

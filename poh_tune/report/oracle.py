@@ -73,13 +73,45 @@ def _oracle_mc(array_len: int, mask_rate: float, n_samples: int, seed: int,
     return float(kendall_tau(scores, d.values.float()).mean())
 
 
+# Monte Carlo samples of the ceiling of a task with duplicate values (standard error < 0.002).
+LEVELS_MC_SAMPLES = 4000
+
+
+@functools.lru_cache(maxsize=64)
+def oracle_levels_tau(array_len: int, mask_rate: float, value_levels: int,
+                      n_samples: int = LEVELS_MC_SAMPLES, seed: int = 0) -> float:
+    """All-pairs τ ceiling of a task whose values come from `value_levels` levels (Monte Carlo).
+
+    Values are drawn with replacement, so a hidden value is uniform over the levels whatever is
+    visible: the oracle sorts the visible values exactly and puts every hidden one at the
+    median of the levels. A pair of equal values is a pair tied in the target and is not
+    counted (metrics.kendall_tau), so the denominator is the sample's unequal pairs.
+
+    Args:
+        array_len, mask_rate: the task.
+        value_levels: K >= 2 (data.levels).
+        n_samples, seed: the Monte Carlo samples, drawn by the task's own generator.
+    """
+    import torch
+
+    from poh_tune.data import levels, make_split
+    from poh_tune.metrics import kendall_tau
+
+    d = make_split(n_samples, array_len, mask_rate, seed, value_levels)
+    lv = levels(value_levels).float()
+    median = (lv[(value_levels - 1) // 2] + lv[value_levels // 2]) / 2
+    scores = torch.where(d.obs_mask, d.values.float(), median)
+    return float(kendall_tau(scores, d.values.float()).mean())
+
+
 def oracle_all_pairs_tau(array_len: int, mask_rate: float, n_samples: int | None = None,
                          seed: int = 0, value_low: int | None = None,
-                         value_high: int | None = None) -> float:
+                         value_high: int | None = None, value_levels: int = 0) -> float:
     """Expected all-pairs τ of the Bayes-optimal ordering.
 
     Visible values are sorted exactly; the hidden ones, exchangeable, are placed together at the
     median of the values still possible; hidden-hidden pairs are ties (0 in expectation anyway).
+    With duplicate values (value_levels >= 2) it is oracle_levels_tau, a Monte Carlo estimate.
 
     Args:
         array_len: L.
@@ -89,11 +121,15 @@ def oracle_all_pairs_tau(array_len: int, mask_rate: float, n_samples: int | None
         seed: seed of the Monte Carlo samples.
         value_low: lowest value of the range (inclusive); None: the task's, data.VALUE_LOW.
         value_high: end of the range (exclusive); None: the task's, data.VALUE_HIGH.
+        value_levels: 0 (distinct values) or the task's number of value levels.
     Returns:
         The expected all-pairs τ (about 0.50 at L=20, mask 0.5).
     """
     from poh_tune.data import VALUE_HIGH, VALUE_LOW
 
+    if value_levels:
+        return oracle_levels_tau(int(array_len), float(mask_rate), int(value_levels),
+                                 *(() if n_samples is None else (n_samples,)), seed=seed)
     value_low = VALUE_LOW if value_low is None else value_low
     value_high = VALUE_HIGH if value_high is None else value_high
     if n_samples is None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from poh_tune.report.labels import named, short_value, sort_key
+from poh_tune.report.labels import named, sort_key, swept_keys, swept_label
 from poh_tune.report.load import Experiment, Trial
 from poh_tune.report.stats import trial_stat
 
@@ -39,11 +39,10 @@ def plot_panels(exp: Experiment, labels: dict[str, str]) -> list[Panel]:
         members = [t for t in exp.trials if name in t.experiments]
         if not members:
             continue
-        key = (info or {}).get("swept") or "model"
-        members.sort(key=lambda t: (sort_key(t.config.get(key)), t.trial_id))
+        keys = swept_keys(info)
+        members.sort(key=lambda t: (*(sort_key(t.config.get(k)) for k in keys), t.trial_id))
         panels.append(Panel(name, members, {
-            t.trial_id: named(t.trial_id, f"{key}={short_value(t.config.get(key))}")
-            for t in members}))
+            t.trial_id: named(t.trial_id, swept_label(t, keys)) for t in members}))
     covered = {t.trial_id for p in panels for t in p.trials}
     rest = [t for t in exp.trials if t.trial_id not in covered]
     if rest:

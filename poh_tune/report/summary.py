@@ -37,7 +37,11 @@ def summary_frame(exp: Experiment) -> pd.DataFrame:
         for stat in STAT_KEYS:
             s = trial_stat(t, stat)
             r[f"{stat}_mean"], r[f"{stat}_ci95"], r[f"{stat}_n"] = s.mean, s.ci95, len(s.values)
-        r["oracle_tau_all"] = oracle_all_pairs_tau(t.setting("array_len"), t.setting("mask_rate"))
+        r["oracle_tau_all"] = oracle_all_pairs_tau(t.setting("array_len"), t.setting("mask_rate"),
+                                                   value_levels=t.setting("value_levels"))
+        # All-pairs τ on one scale across tasks: the share of this task's ceiling it reaches.
+        r["test_tau_all_share_of_ceiling"] = (r["test_tau_all_mean"] / r["oracle_tau_all"]
+                                              if r["oracle_tau_all"] > 0 else math.nan)
         rr = routing_row(t)
         r["herfindahl"] = rr["herfindahl"] if rr else math.nan
         r["max_alpha"] = rr["max_alpha"] if rr else math.nan
