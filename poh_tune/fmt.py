@@ -48,7 +48,7 @@ def ci_shown(n: int) -> bool:
 
 
 def ci_text(mean: float, half_width: float, n: int,
-            bounds: tuple[float, float] | None = TAU_RANGE) -> str:
+            bounds: tuple[float, float] | None = TAU_RANGE, sign: bool = False) -> str:
     """Mean with its 95 % CI for a person: "0.9812 ± 0.002134".
 
     Below MIN_CI_SEEDS seeds the CI reads "n/a" with the n; an interval that would run past the
@@ -59,15 +59,17 @@ def ci_text(mean: float, half_width: float, n: int,
         half_width: the 95 % half-width (nan when unknown).
         n: the number of seeds behind the mean.
         bounds: the metric's range; None for an unbounded metric.
+        sign: write the mean's sign also when it is positive (a difference).
     """
     if math.isnan(mean):
         return "n/a"
     if not ci_shown(n) or math.isnan(half_width):
-        return f"{sig(mean)} (n={n}: CI n/a)"
+        return f"{sig(mean, sign=sign)} (n={n}: CI n/a)"
     lo, hi = mean - half_width, mean + half_width
     if bounds is not None and (lo < bounds[0] or hi > bounds[1]):
-        return f"{sig(mean)} [{sig(max(lo, bounds[0]))}, {sig(min(hi, bounds[1]))}]"
-    return f"{sig(mean)} ± {sig(half_width)}"
+        return (f"{sig(mean, sign=sign)} [{sig(max(lo, bounds[0]))}, "
+                f"{sig(min(hi, bounds[1]))}]")
+    return f"{sig(mean, sign=sign)} ± {sig(half_width)}"
 
 
 def config_label(config: dict[str, Any], base: dict[str, Any]) -> str:

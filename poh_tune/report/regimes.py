@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from poh_tune.fmt import ci_text, sig
 from poh_tune.io import atomic_write_bytes
 from poh_tune.record import seed_value
 from poh_tune.report.labels import named, short_value, sort_key, swept_keys
@@ -131,16 +132,14 @@ def regime_points(exp: Experiment, summary: pd.DataFrame) -> list[RegimePoint]:
     return points
 
 
+DELTA_RANGE = (-2.0, 2.0)  # a difference of two τ
+
+
 def _ci(s: Stat) -> str:
+    """A paired Δ with its CI by the report's small-n rule (fmt.ci_text)."""
     if math.isnan(s.mean):
         return "n/a"
-    if len(s.values) < 2:
-        return f"{s.mean:+.4f} (1 seed: CI n/a)"
-    return f"{s.mean:+.4f} ± {s.ci95:.4f} (n={len(s.values)})"
-
-
-def _p(v: float) -> str:
-    return "n/a" if math.isnan(v) else (f"{v:.2e}" if v < 1e-3 else f"{v:.3f}")
+    return ci_text(s.mean, s.ci95, len(s.values), DELTA_RANGE, sign=True)
 
 
 def write_regime_plot(points: list[RegimePoint], path: Path) -> Path | None:
@@ -207,9 +206,9 @@ def regime_lines(points: list[RegimePoint], plot: Path | None,
     for factor in dict.fromkeys(p.factor for p in points):
         pts = [p for p in points if p.factor == factor]
         rows = [[short_value(p.value), ids[p.poh.trial_id], ids[p.base.trial_id],
-                 _ci(p.delta["test_tau"]), _p(p.p_holm["test_tau"]),
-                 _ci(p.delta["test_tau_all"]), _p(p.p_holm["test_tau_all"]),
-                 f"{p.ceiling:.3f}", f"{p.share_poh:.3f}", f"{p.share_base:.3f}"] for p in pts]
+                 _ci(p.delta["test_tau"]), sig(p.p_holm["test_tau"]),
+                 _ci(p.delta["test_tau_all"]), sig(p.p_holm["test_tau_all"]),
+                 sig(p.ceiling), sig(p.share_poh), sig(p.share_base)] for p in pts]
         L += [f"### {factor}", ""]
         header = [factor, "PoH configuration", "baseline", "Δ mask-aware τ", "paired p, Holm",
                   "Δ all-pairs τ", "paired p, Holm", "all-pairs ceiling",
