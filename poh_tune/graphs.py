@@ -60,6 +60,13 @@ class GraphedFunction:
             else None
         self.failure: str | None = None  # why graphs were turned off, once they were
 
+    def reset(self) -> None:
+        """Forget every captured graph and warm-up count: after the tensors a graph reads were
+        replaced (a state dict loaded into the model or the optimizers), replaying it would read
+        freed memory."""
+        self._graphs.clear()
+        self._calls.clear()
+
     @property
     def n_graphs(self) -> int:
         return len(self._graphs)

@@ -252,16 +252,21 @@ class PointerDecoder(nn.Module):
 
     @torch.no_grad()
     def greedy_ranks(self, h: torch.Tensor) -> torch.Tensor:
-        """(S, N, L, d) -> (S, N, L) predicted rank of every position, best free position per rank."""
+        """(S, N, L, d) -> (S, N, L) predicted rank of every position, best free position per rank.
+
+        Tensor operations only (no item set from a Python value, which on CUDA is a host-to-device
+        copy and cannot be captured in a CUDA graph)."""
         S, N, L, _ = h.shape
         logits = self.logits(h).reshape(S * N, L, L)
         chosen = torch.zeros(S * N, L, dtype=torch.bool, device=h.device)
-        ranks = torch.empty(S * N, L, dtype=torch.long, device=h.device)
-        rows = torch.arange(S * N, device=h.device)
+        picks = []
         for r in range(L):
-            p = logits[:, r].masked_fill(chosen, float("-inf")).argmax(-1)  # (S*N,)
-            chosen[rows, p] = True
-            ranks[rows, p] = r
+            p = logits[:, r].masked_fill(chosen, float("-inf")).argmax(-1, keepdim=True)  # (S*N, 1)
+            chosen = chosen.scatter(1, p, True)
+            picks.append(p)
+        order = torch.cat(picks, 1)  # (S*N, L) the position chosen at each rank
+        rank_of = torch.arange(L, device=h.device).expand(S * N, L)
+        ranks = torch.empty_like(order).scatter_(1, order, rank_of)  # inverse permutation
         return ranks.view(S, N, L)
 
 

@@ -102,4 +102,10 @@ class MemberAdamW:
         return self.opt.state_dict()
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.opt.load_state_dict(sd)
+        """The moments and step counts of `sd`, under this optimizer's own capturable and fused
+        modes: torch's AdamW takes both from the state dict, so a checkpoint of a graphed CUDA
+        run (capturable) would fail its first step on a CPU, and one of a CPU run (fused) would
+        break the capture of a graphed one. A trial retried elsewhere meets either."""
+        mine = {k: self.opt.param_groups[0].get(k) for k in ("capturable", "fused")}
+        groups = [{**g, **mine} for g in sd["param_groups"]]
+        self.opt.load_state_dict({**sd, "param_groups": groups})

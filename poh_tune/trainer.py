@@ -118,6 +118,9 @@ class TrialRunner:
         temps, ent_ws, frozen = self.schedules(e)
         temp_S, ent_w_S = self._member_tensor(temps), self._member_tensor(ent_ws)
         self._active = tuple(not f for f in frozen)
+        # What picks the step's kernels besides the batch size: which controllers train. The
+        # baseline has none, so its steps are one variant whatever the warm-up schedule says.
+        variant = self._active if self.ctrl_opt is not None else ()
         for p in self.ctrl_params:
             p.requires_grad_(any(self._active))  # all frozen: no gradient is even computed for it
         self.model.train()
@@ -129,7 +132,7 @@ class TrialRunner:
         n_batches = 0
         for i in range(0, N, cfg.batch_size):
             idx = order[:, i: i + cfg.batch_size]  # (S, B) per-member samples
-            sums += self.graphed_step((idx.shape[1], self._active), idx, temp_S, ent_w_S)
+            sums += self.graphed_step((idx.shape[1], variant), idx, temp_S, ent_w_S)
             n_batches += 1
             yield
         means = (sums / n_batches).T.tolist()  # S rows of (total, rank, entropy)
@@ -225,6 +228,9 @@ class TrialRunner:
         self.best = [dict(b) for b in sd["best"]]
         self.model.load_state_dict(sd["model"])
         self.enc_opt.load_state_dict(sd["enc_opt"])
+        # Loading replaced the optimizers' moments with new tensors: no graph may read the old.
+        self.graphed_step.reset()
+        self.evaluator.graphed.reset()
         if self.ctrl_opt is not None:
             self.ctrl_opt.load_state_dict(sd["ctrl_opt"])
 
