@@ -17,6 +17,8 @@ DEFAULT_SPACE = {"grid": "document_grid.yaml", "optuna": "optuna_refine.yaml"}
 # than its configurations one after the other (README "Packing": measured), and separate
 # trials spread over the CPUs; see docs/pack_measure.py.
 CPU_DEFAULT_PACK = 1
+# Tune checkpoints kept per trial: the best by the search metric (Ray also keeps the newest).
+KEEP_CHECKPOINTS = 3
 DESCRIPTION = ("`python -m poh_tune.launch grid|optuna|report`: run a search space on Ray Tune, "
                "write its results.")
 
@@ -66,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
                        help="epochs between trial checkpoints (one is also written at the end; "
                             "default 1)")
+        s.add_argument("--keep-checkpoints", type=int, default=KEEP_CHECKPOINTS, metavar="N",
+                       help="Tune checkpoints kept per trial: the N best by the search metric, "
+                            f"and the newest (default {KEEP_CHECKPOINTS})")
         s.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
                        help="seconds between progress lines (default 30)")
         s.add_argument("--reuse-actors", action="store_true",
@@ -144,6 +149,9 @@ def _resolve_new(args: argparse.Namespace, storage: Path) -> tuple[Space, Path, 
         raise UsageError(f"--max-concurrent={args.max_concurrent}: must be >= 0")
     if args.checkpoint_every < 1:
         raise UsageError(f"--checkpoint-every={args.checkpoint_every}: must be >= 1")
+    if args.keep_checkpoints < 1:
+        raise UsageError(f"--keep-checkpoints={args.keep_checkpoints}: must be >= 1 (Tune "
+                         f"checkpoints kept per trial)")
     path = resolve_space_path(args.space, DEFAULT_SPACE[args.command],
                               args.overrides[0] if args.overrides else None)
     overrides = parse_overrides(args.overrides)
@@ -173,6 +181,7 @@ def _resolve_new(args: argparse.Namespace, storage: Path) -> tuple[Space, Path, 
         "smoke": args.smoke, "overrides": overrides,
         "experiment_names": getattr(args, "experiment", None),
         "cpu": cpu, "gpu": gpu, "checkpoint_every": args.checkpoint_every,
+        "keep_checkpoints": args.keep_checkpoints,
         "max_concurrent": (args.max_concurrent if args.max_concurrent is not None
                            else space.max_concurrent),
         "scheduler": args.scheduler or space.scheduler,

@@ -26,9 +26,10 @@ TB_DIR = "tb"
 DIVERGED_FILE = ".diverged"
 # A Tune trial's folder (a pack's: shared by its configurations).
 CKPT_FILE = "trial.pt"  # inside a Tune checkpoint
-# The trial's own state, in its storage folder, replaced atomically before every report: a resume
-# continues from it whatever Tune's experiment snapshot says (that snapshot lags behind the trial
-# and may name a checkpoint that CheckpointConfig(num_to_keep) has deleted since).
+# The trial's own state, in its storage folder, replaced atomically before every checkpointed
+# report (which also hands it to Tune as a checkpoint): a resume takes the newer of the two
+# (checkpoints.choose_state), whatever Tune's experiment snapshot says (that snapshot lags
+# behind the trial and may name a checkpoint that CheckpointConfig(num_to_keep) has deleted).
 STATE_FILE = "trial_state.pt"
 
 

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from poh_tune.cli import UsageError
+from poh_tune.cli import KEEP_CHECKPOINTS, UsageError
 from poh_tune.spaces import Space, grid_variants, pack_variants
 
 # What ray.dashboard.optional_deps imports first (checked without importing ray).
@@ -171,6 +171,7 @@ def make_trainable(space: Space, launch: dict[str, Any], membership: dict[str, l
     """The Tune trainable: train_trial, or train_pack when configurations are packed."""
     from ray import tune
 
+    from poh_tune.checkpoints import with_checkpoint_fallback
     from poh_tune.trainable import train_pack, train_trial
 
     if int(launch.get("pack", 1)) > 1:
@@ -180,7 +181,8 @@ def make_trainable(space: Space, launch: dict[str, Any], membership: dict[str, l
     else:
         fn = tune.with_parameters(train_trial, base=space.base.to_dict(), membership=membership,
                                   checkpoint_every=launch["checkpoint_every"])
-    return tune.with_resources(fn, {"cpu": launch["cpu"], "gpu": launch["gpu"]})
+    return tune.with_resources(with_checkpoint_fallback(fn),
+                               {"cpu": launch["cpu"], "gpu": launch["gpu"]})
 
 
 def make_search(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
@@ -238,7 +240,11 @@ def make_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
     run_config = tune.RunConfig(
         name=exp_dir.name, storage_path=str(exp_dir.parent),
         failure_config=tune.FailureConfig(max_failures=launch["max_failures"]),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
+        # The best checkpoints by the search metric (Ray also keeps the newest); the trial's
+        # state file covers the ones deleted after Tune's last snapshot (checkpoints.py).
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=launch.get("keep_checkpoints", KEEP_CHECKPOINTS),
+            checkpoint_score_attribute=space.metric, checkpoint_score_order=space.metric_mode),
         callbacks=[JsonLoggerCallback(), CSVLoggerCallback()], progress_reporter=reporter,
         verbose=1)
     tune_config = tune.TuneConfig(metric=space.metric, mode=space.metric_mode,
