@@ -100,8 +100,9 @@ def newest_checkpoint(storage) -> Any:
     return Checkpoint(path=max(found)[1], filesystem=fs)
 
 
-def with_checkpoint_fallback(trainable_cls):
-    """The Tune trainable class, restoring from the newest checkpoint that still exists.
+def with_checkpoint_fallback(fn):
+    """A Tune function trainable as a Trainable class that restores from the newest checkpoint
+    that still exists.
 
     Tune's experiment snapshot lags behind the trials; after a driver restore it can name a
     checkpoint that CheckpointConfig(num_to_keep) has deleted since (ray-project/ray#30073),
@@ -111,6 +112,9 @@ def with_checkpoint_fallback(trainable_cls):
     """
     from ray.train._internal.checkpoint_manager import _TrainingResult
     from ray.train._internal.storage import _exists_at_fs_path
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    trainable_cls = wrap_function(fn)
 
     class Trainable(trainable_cls):
         def restore(self, checkpoint_path):

@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from poh_tune.config import ConfigError, parse_overrides, read_yaml
-from poh_tune.io import EXPERIMENT_FILE, TUNER_FILE
+from poh_tune.io import (
+    EXPERIMENT_FILE,
+    RESULTS_FILE,
+    STUDY_BACKENDS,
+    TUNER_FILE,
+    choose_backend,
+)
 from poh_tune.spaces import Space, grid_variants, load_space, resolve_space_path
 
 DEFAULT_SPACE = {"grid": "document_grid.yaml", "optuna": "optuna_refine.yaml"}
@@ -45,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--num-samples", type=int, default=None,
                            help="trials Optuna proposes (default: the space's num_samples)")
             s.add_argument("--seed", type=int, default=None, help="TPE seed")
+            s.add_argument("--warm-start", default=None, metavar="GRID_DIR",
+                           help="tell the study every configuration of this finished grid run "
+                                "that lies in the space (same fixed keys) as a COMPLETE trial, "
+                                "before TPE's first suggestion")
+            s.add_argument("--study", choices=("auto", *STUDY_BACKENDS), default="auto",
+                           help="the study's storage in the run directory: SQLite, or Optuna's "
+                                "journal file (made for shared file systems); auto: journal on "
+                                "NFS, Lustre, GPFS, CephFS and the like, else SQLite")
         s.add_argument("--name", default=None, help="run name (default: the space's name)")
         s.add_argument("--storage", default="poh_runs", help="results root (default ./poh_runs)")
         s.add_argument("--address", default=None, help="join this Ray cluster instead of an "
@@ -125,22 +139,31 @@ def _resolve_resume(args: argparse.Namespace, storage: Path
         raise UsageError("--resume needs --name RUN (the run to continue) "
                          f"under {storage}")
     exp_dir = storage / args.name
-    info_file = exp_dir / EXPERIMENT_FILE
-    if not (exp_dir / TUNER_FILE).exists() or not info_file.exists():
-        raise UsageError(f"--resume: nothing to resume in {exp_dir} (no {TUNER_FILE} or "
-                         f"{EXPERIMENT_FILE})")
-    info = read_yaml(info_file)
-    keys = ("mode", "space_file", "launch")
-    if not isinstance(info, dict) or any(k not in info for k in keys) or not isinstance(
-            info["launch"], dict) or any(k not in info["launch"] for k in ("overrides", "smoke")):
-        raise UsageError(f"--resume: {info_file} is not a poh_tune experiment record "
-                         f"(expected the keys {', '.join(keys)}); it was changed or damaged")
+    try:
+        info = read_experiment(exp_dir)
+    except UsageError as e:
+        raise UsageError(f"--resume: {e}") from None
     if info["mode"] != args.command:
         raise UsageError(f"--resume: {exp_dir} is a {info['mode']} run, not {args.command}")
     launch = info["launch"]
     space = load_space(info["space_file"], launch["overrides"], launch["smoke"])
     check_storage(storage, args.storage)
     return space, exp_dir, launch
+
+
+def read_experiment(exp_dir: Path) -> dict[str, Any]:
+    """A resumable run's poh_experiment.yaml, checked (UsageError naming what is wrong)."""
+    info_file = exp_dir / EXPERIMENT_FILE
+    if not (exp_dir / TUNER_FILE).exists() or not info_file.exists():
+        raise UsageError(f"nothing to resume in {exp_dir} (no {TUNER_FILE} or "
+                         f"{EXPERIMENT_FILE})")
+    info = read_yaml(info_file)
+    keys = ("mode", "space_file", "launch")
+    if not isinstance(info, dict) or any(k not in info for k in keys) or not isinstance(
+            info["launch"], dict) or any(k not in info["launch"] for k in ("overrides", "smoke")):
+        raise UsageError(f"{info_file} is not a poh_tune experiment record "
+                         f"(expected the keys {', '.join(keys)}); it was changed or damaged")
+    return info
 
 
 def _resolve_new(args: argparse.Namespace, storage: Path) -> tuple[Space, Path, dict[str, Any]]:
@@ -193,7 +216,28 @@ def _resolve_new(args: argparse.Namespace, storage: Path) -> tuple[Space, Path, 
         raise UsageError(f"--num-samples={launch['num_samples']}: must be >= 1")
     launch["pack"] = _pack_size(args, space, launch)
     check_storage(storage, args.storage)
+    if args.command == "optuna":
+        launch["study_name"] = name
+        launch["study_backend"] = choose_backend(args.study, storage)
+        launch["warm_start"] = check_warm_start(args.warm_start)
     return space, exp_dir, launch
+
+
+def check_warm_start(given: str | None) -> str | None:
+    """--warm-start GRID_DIR: a finished grid run (its record says grid, its results.csv is
+    written); returns the resolved path."""
+    if given is None:
+        return None
+    grid = Path(given).expanduser().resolve()
+    record = grid / EXPERIMENT_FILE
+    info = read_yaml(record) if record.is_file() else None
+    if not isinstance(info, dict) or info.get("mode") != "grid":
+        raise UsageError(f"--warm-start {given}: not a grid run directory (no {EXPERIMENT_FILE} "
+                         f"saying mode: grid in {grid})")
+    if not (grid / RESULTS_FILE).is_file():
+        raise UsageError(f"--warm-start {given}: the grid has not finished (no {RESULTS_FILE}); "
+                         f"finish it with --resume first")
+    return str(grid)
 
 
 def _pack_size(args: argparse.Namespace, space: Space, launch: dict[str, Any]) -> int:

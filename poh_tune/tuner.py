@@ -185,6 +185,24 @@ def make_trainable(space: Space, launch: dict[str, Any], membership: dict[str, l
                                {"cpu": launch["cpu"], "gpu": launch["gpu"]})
 
 
+def restore_trainable(exp_dir: str | Path):
+    """The trainable to pass to `ray.tune.Tuner.restore(exp_dir, trainable=...)` for a run
+    that poh_tune launched, rebuilt from its poh_experiment.yaml (the space file it names must
+    still exist). An Optuna run's study is then opened in `exp_dir`, wherever it was moved."""
+    from poh_tune.cli import read_experiment
+    from poh_tune.search import use_run_dir
+    from poh_tune.spaces import load_space
+
+    exp_dir = Path(exp_dir).resolve()
+    info = read_experiment(exp_dir)
+    launch = info["launch"]
+    space = load_space(info["space_file"], launch["overrides"], launch["smoke"])
+    membership = (grid_variants(space, launch["experiment_names"])[1]
+                  if info["mode"] == "grid" else {})
+    use_run_dir(exp_dir)
+    return make_trainable(space, launch, membership)
+
+
 def make_search(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
                 ) -> tuple[Any, dict[str, Any], int, int]:
     """The search algorithm of a new run, its param_space, Tune's num_samples and the trials.
@@ -200,14 +218,36 @@ def make_search(command: str, space: Space, launch: dict[str, Any], exp_dir: Pat
         n_trials = num_samples if points is not None else len(param_space["pack"]["grid_search"])
         return (BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_conc),
                 param_space, num_samples, n_trials)
-    from optuna.samplers import TPESampler
+    from poh_tune.search import (
+        PohOptunaSearch,
+        distributions,
+        in_space,
+        make_sampler,
+        warm_start_points,
+    )
 
-    from poh_tune.search import PohOptunaSearch, distributions, study_storage
-
+    base = space.base.to_dict()
+    warm, n_grid = (warm_start_points(launch["warm_start"], space) if launch.get("warm_start")
+                    else ([], 0))
+    base_point = in_space(base, base, space.search)
+    # The search's first trial is the base configuration, unless the grid measured it already.
+    first = [base_point] if base_point is not None and base_point not in [
+        w.params for w in warm] else None
     searcher = PohOptunaSearch(
         space=distributions(space.search), metric=space.metric, mode=space.metric_mode,
-        sampler=TPESampler(seed=launch["seed"]), study_name=exp_dir.name,
-        storage=study_storage(exp_dir), epochs=space.base.epochs)
+        sampler=make_sampler(launch["seed"]), study_name=exp_dir.name, run_dir=exp_dir,
+        backend=launch.get("study_backend", "sqlite"), epochs=space.base.epochs,
+        points_to_evaluate=first)
+    if launch.get("warm_start"):
+        grid = launch["warm_start"]
+        if warm:
+            searcher.warm_start(warm)
+            print(f"warm start: {len(warm)} of the {n_grid} configurations of {grid} lie in "
+                  f"this space; told to the study as COMPLETE trials ({space.metric} at their "
+                  f"last epoch)", flush=True)
+        else:
+            print(f"warm start: none of the {n_grid} configurations of {grid} lies in this "
+                  f"space with the same fixed keys; nothing told to the study", flush=True)
     # ConcurrencyLimiter takes only a positive limit; without one Tune asks the searcher for as
     # many trials as the resources can run.
     search_alg = ConcurrencyLimiter(searcher, max_concurrent=max_conc) if max_conc else searcher
@@ -259,6 +299,9 @@ def restore_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: P
     """The Tuner of an interrupted run, continued where Tune's last snapshot left it."""
     from ray import tune
 
+    from poh_tune.search import use_run_dir
+
+    use_run_dir(exp_dir)  # the study is the one in exp_dir, wherever the run was moved
     # tuner.pkl does not keep the param space: a run killed before Tune's first experiment
     # snapshot restores a fresh variant generator that needs it (KeyError otherwise).
     return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
