@@ -133,7 +133,7 @@ def test_pack_checkpoint_loads_every_configuration(tmp_path):
     exp, rc, out = grid_run(tmp_path, "p", [0.001, 0.003], "--pack", "2",
                             "--keep-checkpoints", "10", epochs=3)
     assert rc == 0, out[-3000:]
-    (trial,) = sorted(exp.glob("train_trial_*"))
+    (trial,) = sorted(exp.glob("train_pack_*"))
     kept = checkpoint_epochs(trial)
     assert sorted(kept.values()) == [1, 2, 3]
     for name, epoch in kept.items():
@@ -190,7 +190,7 @@ def test_restart_errored_starts_from_scratch(errored, tmp_path):
         else:
             assert not r["error"] and [x["epoch"] for x in rows] == [1, 2, 3] == its
             (before,) = [d for d in errored.glob("train_trial_*")
-                         if f"lr_encoder={r['lr']}" in d.name]
+                         if load_trial(d / "trial_state.pt").configs[0].lr_encoder == r["lr"]]
             # Epoch 1 again, as the errored trial first trained it.
             assert rows[0]["tau"] == read_metrics(before / "metrics.jsonl")[0]["tau"]
 
