@@ -190,8 +190,9 @@ class PohOptunaSearch(OptunaSearch):
     def save(self, checkpoint_path: str) -> None:
         import pickle
 
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__getstate__(), f)
+        from poh_tune.io import atomic_write_bytes
+
+        atomic_write_bytes(checkpoint_path, pickle.dumps(self.__getstate__()))
 
     def warm_start(self, points: list[WarmPoint]) -> int:
         """Tell the study each point as a COMPLETE trial (before TPE's first suggestion);

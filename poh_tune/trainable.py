@@ -148,7 +148,7 @@ def report_epoch(runner: TrialRunner, report: dict[str, Any], checkpoint_due: bo
     data = state_bytes(runner, trial_id)
     atomic_write_bytes(state_file, data)
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / CKPT_FILE).write_bytes(data)
+        atomic_write_bytes(Path(tmp) / CKPT_FILE, data)  # a folder Tune copies from
         tune.report(row, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
