@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from poh_tune.config import ConfigError, parse_overrides, read_yaml
-from poh_tune.io import EXPERIMENT_FILE, TUNER_FILE
+from poh_tune.io import (
+    EXPERIMENT_FILE,
+    RESULTS_FILE,
+    STUDY_BACKENDS,
+    TUNER_FILE,
+    choose_backend,
+)
 from poh_tune.spaces import Space, grid_variants, load_space, resolve_space_path
 from poh_tune.storage import RemoteStorage, StorageError, is_uri, local_path
 
@@ -18,6 +24,8 @@ DEFAULT_SPACE = {"grid": "document_grid.yaml", "optuna": "optuna_refine.yaml"}
 # than its configurations one after the other (README "Packing": measured), and separate
 # trials spread over the CPUs; see docs/pack_measure.py.
 CPU_DEFAULT_PACK = 1
+# Tune checkpoints kept per trial: the best by the search metric (Ray also keeps the newest).
+KEEP_CHECKPOINTS = 3
 DESCRIPTION = ("`python -m poh_tune.launch grid|optuna|report`: run a search space on Ray Tune, "
                "write its results.")
 
@@ -44,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--num-samples", type=int, default=None,
                            help="trials Optuna proposes (default: the space's num_samples)")
             s.add_argument("--seed", type=int, default=None, help="TPE seed")
+            s.add_argument("--warm-start", default=None, metavar="GRID_DIR",
+                           help="tell the study every configuration of this finished grid run "
+                                "that lies in the space (same fixed keys) as a COMPLETE trial, "
+                                "before TPE's first suggestion")
+            s.add_argument("--study", choices=("auto", *STUDY_BACKENDS), default="auto",
+                           help="the study's storage in the run directory: SQLite, or Optuna's "
+                                "journal file (made for shared file systems); auto: journal on "
+                                "NFS, Lustre, GPFS, CephFS and the like, else SQLite")
         s.add_argument("--name", default=None, help="run name (default: the space's name)")
         s.add_argument("--storage", default="poh_runs",
                        help="results root: a local folder (default ./poh_runs) or what Ray "
@@ -69,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
                        help="epochs between trial checkpoints (one is also written at the end; "
                             "default 1)")
+        s.add_argument("--keep-checkpoints", type=int, default=KEEP_CHECKPOINTS, metavar="N",
+                       help="Tune checkpoints kept per trial: the N best by the search metric, "
+                            f"and the newest (default {KEEP_CHECKPOINTS})")
         s.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
                        help="seconds between progress lines (default 30)")
         s.add_argument("--reuse-actors", action="store_true",
@@ -153,7 +172,6 @@ def _resolve_resume(args: argparse.Namespace, storage: Path
         raise UsageError("--resume needs --name RUN (the run to continue) "
                          f"under {storage}")
     exp_dir = storage / args.name
-    info_file = exp_dir / EXPERIMENT_FILE
     remote = args.remote
     if remote is not None:
         name = args.name
@@ -162,16 +180,11 @@ def _resolve_resume(args: argparse.Namespace, storage: Path
             raise UsageError(f"--resume: nothing to resume in {remote.where(name)} (no "
                              f"{TUNER_FILE} or {EXPERIMENT_FILE})")
         exp_dir.mkdir(parents=True)
-        info_file.write_bytes(remote.read_bytes(f"{name}/{EXPERIMENT_FILE}"))
-    elif not (exp_dir / TUNER_FILE).exists() or not info_file.exists():
-        raise UsageError(f"--resume: nothing to resume in {exp_dir} (no {TUNER_FILE} or "
-                         f"{EXPERIMENT_FILE})")
-    info = read_yaml(info_file)
-    keys = ("mode", "space_file", "launch")
-    if not isinstance(info, dict) or any(k not in info for k in keys) or not isinstance(
-            info["launch"], dict) or any(k not in info["launch"] for k in ("overrides", "smoke")):
-        raise UsageError(f"--resume: {info_file} is not a poh_tune experiment record "
-                         f"(expected the keys {', '.join(keys)}); it was changed or damaged")
+        (exp_dir / EXPERIMENT_FILE).write_bytes(remote.read_bytes(f"{name}/{EXPERIMENT_FILE}"))
+    try:
+        info = read_experiment(exp_dir, tuner_checked=remote is not None)
+    except UsageError as e:
+        raise UsageError(f"--resume: {e}") from None
     if info["mode"] != args.command:
         raise UsageError(f"--resume: {exp_dir} is a {info['mode']} run, not {args.command}")
     launch = info["launch"]
@@ -181,12 +194,33 @@ def _resolve_resume(args: argparse.Namespace, storage: Path
     return space, exp_dir, launch
 
 
+def read_experiment(exp_dir: Path, tuner_checked: bool = False) -> dict[str, Any]:
+    """A resumable run's poh_experiment.yaml, checked (UsageError naming what is wrong).
+
+    tuner_checked: Tune's tuner.pkl was found elsewhere (in remote storage; exp_dir mirrors it).
+    """
+    info_file = exp_dir / EXPERIMENT_FILE
+    if not (tuner_checked or (exp_dir / TUNER_FILE).exists()) or not info_file.exists():
+        raise UsageError(f"nothing to resume in {exp_dir} (no {TUNER_FILE} or "
+                         f"{EXPERIMENT_FILE})")
+    info = read_yaml(info_file)
+    keys = ("mode", "space_file", "launch")
+    if not isinstance(info, dict) or any(k not in info for k in keys) or not isinstance(
+            info["launch"], dict) or any(k not in info["launch"] for k in ("overrides", "smoke")):
+        raise UsageError(f"{info_file} is not a poh_tune experiment record "
+                         f"(expected the keys {', '.join(keys)}); it was changed or damaged")
+    return info
+
+
 def _resolve_new(args: argparse.Namespace, storage: Path) -> tuple[Space, Path, dict[str, Any]]:
     """A new run: the space file, its overrides and the command line's settings."""
     if args.max_concurrent is not None and args.max_concurrent < 0:
         raise UsageError(f"--max-concurrent={args.max_concurrent}: must be >= 0")
     if args.checkpoint_every < 1:
         raise UsageError(f"--checkpoint-every={args.checkpoint_every}: must be >= 1")
+    if args.keep_checkpoints < 1:
+        raise UsageError(f"--keep-checkpoints={args.keep_checkpoints}: must be >= 1 (Tune "
+                         f"checkpoints kept per trial)")
     path = resolve_space_path(args.space, DEFAULT_SPACE[args.command],
                               args.overrides[0] if args.overrides else None)
     overrides = parse_overrides(args.overrides)
@@ -219,6 +253,7 @@ def _resolve_new(args: argparse.Namespace, storage: Path) -> tuple[Space, Path, 
         "smoke": args.smoke, "overrides": overrides,
         "experiment_names": getattr(args, "experiment", None),
         "cpu": cpu, "gpu": gpu, "checkpoint_every": args.checkpoint_every,
+        "keep_checkpoints": args.keep_checkpoints,
         "max_concurrent": (args.max_concurrent if args.max_concurrent is not None
                            else space.max_concurrent),
         "scheduler": args.scheduler or space.scheduler,
@@ -233,7 +268,28 @@ def _resolve_new(args: argparse.Namespace, storage: Path) -> tuple[Space, Path, 
     launch["pack_auto"] = args.pack == "auto" and launch["pack"] > 1
     if args.remote is None:
         check_storage(storage, args.storage)
+    if args.command == "optuna":
+        launch["study_name"] = name
+        launch["study_backend"] = choose_backend(args.study, storage)
+        launch["warm_start"] = check_warm_start(args.warm_start)
     return space, exp_dir, launch
+
+
+def check_warm_start(given: str | None) -> str | None:
+    """--warm-start GRID_DIR: a finished grid run (its record says grid, its results.csv is
+    written); returns the resolved path."""
+    if given is None:
+        return None
+    grid = Path(given).expanduser().resolve()
+    record = grid / EXPERIMENT_FILE
+    info = read_yaml(record) if record.is_file() else None
+    if not isinstance(info, dict) or info.get("mode") != "grid":
+        raise UsageError(f"--warm-start {given}: not a grid run directory (no {EXPERIMENT_FILE} "
+                         f"saying mode: grid in {grid})")
+    if not (grid / RESULTS_FILE).is_file():
+        raise UsageError(f"--warm-start {given}: the grid has not finished (no {RESULTS_FILE}); "
+                         f"finish it with --resume first")
+    return str(grid)
 
 
 def _pack_size(args: argparse.Namespace, space: Space, launch: dict[str, Any]) -> int:

@@ -16,6 +16,7 @@ BEST_CONFIG_FILE = "best_config.yaml"  # the best configuration, for `python -m 
 REPORT_FILE = "report.md"  # the report; SUMMARY_FILE its table, one row per configuration
 SUMMARY_FILE = "summary.csv"
 STUDY_FILE = "optuna_study.db"  # the Optuna study (SQLite), optuna mode only
+STUDY_JOURNAL = "optuna_study.journal"  # the same as Optuna's journal file (shared file systems)
 # A configuration's folder: its Tune trial's folder, or <pack trial folder>/c<k>/ in a pack.
 TRIAL_FILE = "poh_trial.yaml"  # the resolved config, experiments, trial id (pack id and index)
 LOST_TRIAL_FILE = "poh_trial.lost.yaml"  # TRIAL_FILE of a folder no trial of the run owns
@@ -28,10 +29,48 @@ TRACKER_WARNINGS_FILE = "tracker_warnings.txt"  # a tracker that failed mid-run,
 DIVERGED_FILE = ".diverged"
 # A Tune trial's folder (a pack's: shared by its configurations).
 CKPT_FILE = "trial.pt"  # inside a Tune checkpoint
-# The trial's own state, in its storage folder, replaced atomically before every report: a resume
-# continues from it whatever Tune's experiment snapshot says (that snapshot lags behind the trial
-# and may name a checkpoint that CheckpointConfig(num_to_keep) has deleted since).
+# The trial's own state, in its storage folder, replaced atomically before every checkpointed
+# report (which also hands it to Tune as a checkpoint): a resume takes the newer of the two
+# (checkpoints.choose_state), whatever Tune's experiment snapshot says (that snapshot lags
+# behind the trial and may name a checkpoint that CheckpointConfig(num_to_keep) has deleted).
 STATE_FILE = "trial_state.pt"
+
+
+# Filesystem types of shared (network or cluster) file systems, as /proc/mounts names them:
+# Optuna advises against SQLite there (its locking is unreliable on NFS); a journal file is
+# made for them.
+SHARED_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph",
+             "glusterfs", "fuse.glusterfs", "fuse.sshfs", "fuse.cephfs", "9p", "afs", "panfs",
+             "fuse.juicefs", "fuse.s3fs", "fuse.gcsfuse", "wekafs")
+STUDY_BACKENDS = ("sqlite", "journal")
+
+
+def filesystem_type(path: str | Path) -> str:
+    """The type of the file system holding `path` (the longest mount point in /proc/mounts
+    above it), or "" where that cannot be read."""
+    p = Path(path).resolve()
+    while not p.exists():
+        p = p.parent
+    best, fstype = "", ""
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount = parts[1].replace("\\040", " ")
+        if (str(p) == mount or str(p).startswith(mount.rstrip("/") + "/")) and len(mount) > len(best):
+            best, fstype = mount, parts[2]
+    return fstype
+
+
+def choose_backend(requested: str, storage: str | Path) -> str:
+    """--study auto|sqlite|journal: auto is journal on a shared file system, else SQLite."""
+    if requested != "auto":
+        return requested
+    return "journal" if filesystem_type(storage) in SHARED_FS else "sqlite"
 
 
 def config_folder(k: int) -> str:

@@ -22,6 +22,7 @@ from poh_tune.io import (
     METRICS_FILE,
     RESULTS_FILE,
     STUDY_FILE,
+    STUDY_JOURNAL,
     SUMMARY_FILE,
     TB_DIR,
     TRIAL_FILE,
@@ -194,11 +195,9 @@ def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool,
         return {**r, "trial_dir": f"{shown}/{rel}"}
 
     if command == "optuna":  # each row's Optuna trial number (the searcher records the link)
-        import optuna
+        from poh_tune.search import open_study
 
-        from poh_tune.search import study_storage
-
-        study = optuna.load_study(study_name=exp_dir.name, storage=study_storage(exp_dir))
+        study = open_study(exp_dir)
         numbers = {t.user_attrs.get("ray_trial_id"): t.number for t in study.trials}
         for r in rows:
             r["optuna_trial"] = numbers.get(r["trial_id"], "")
@@ -228,8 +227,12 @@ def finish(command: str, space: Space, exp_dir: Path, results, no_report: bool,
         stale = close_stale_trials(study)
         if stale:
             print(f"  {stale} Optuna trial(s) left RUNNING were marked FAIL")
-        print(f"Optuna study: {exp_dir / STUDY_FILE} (optuna-dashboard sqlite:///"
-              f"{exp_dir / STUDY_FILE})")
+        if (exp_dir / STUDY_FILE).exists():
+            print(f"Optuna study: {exp_dir / STUDY_FILE} (optuna-dashboard sqlite:///"
+                  f"{exp_dir / STUDY_FILE})")
+        else:
+            print(f"Optuna study: {exp_dir / STUDY_JOURNAL} (optuna-dashboard "
+                  f"{exp_dir / STUDY_JOURNAL})")
     best = best_row(rows, space.metric, space.metric_mode)
     if best is not None:
         cfg = write_best_config(best, exp_dir / BEST_CONFIG_FILE)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from poh_tune.io import STUDY_FILE
+from poh_tune.io import STUDY_FILE, STUDY_JOURNAL
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +33,109 @@ def distributions(search: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def study_storage(exp_dir: str | Path) -> optuna.storages.RDBStorage:
-    """The study's SQLite file inside the experiment directory (optuna-dashboard opens it)."""
+# The run directory restore opens the study in (use_run_dir); None: where it was saved.
+_RUN_DIR: Path | None = None
+
+
+def study_storage(exp_dir: str | Path, backend: str = "sqlite") -> Any:
+    """The study's storage inside the experiment directory: SQLite (optuna-dashboard opens the
+    .db), or Optuna's journal file (for shared file systems; optuna-dashboard opens it too)."""
+    if backend == "journal":
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(str(Path(exp_dir).resolve() / STUDY_JOURNAL)))
     return optuna.storages.RDBStorage(f"sqlite:///{Path(exp_dir).resolve() / STUDY_FILE}")
+
+
+def open_study(exp_dir: str | Path) -> optuna.Study:
+    """The study of a poh_tune Optuna run, as its poh_experiment.yaml records it."""
+    import yaml
+
+    from poh_tune.io import EXPERIMENT_FILE
+
+    launch = (yaml.safe_load((Path(exp_dir) / EXPERIMENT_FILE).read_text()) or {}).get(
+        "launch") or {}
+    return optuna.load_study(study_name=launch.get("study_name", Path(exp_dir).name),
+                             storage=study_storage(exp_dir, launch.get("study_backend", "sqlite")))
+
+
+def use_run_dir(exp_dir: str | Path) -> None:
+    """Open a restored searcher's study in `exp_dir` (set before Tuner.restore unpickles it)."""
+    global _RUN_DIR
+    _RUN_DIR = Path(exp_dir).resolve()
+
+
+def make_sampler(seed: int) -> optuna.samplers.TPESampler:
+    """TPE, with constant_liar set: trials running at once count as bad guesses while they run,
+    so that concurrent suggestions spread out (Optuna 5's default; off before 5, which
+    pyproject allows)."""
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+
+# Settings of how a trial runs, not of what it learns: a grid point may differ in them.
+EXECUTION_KEYS = ("diagnostics", "threads", "cuda_graphs")
+
+
+@dataclass(frozen=True)
+class WarmPoint:
+    """A finished grid configuration told to the study: its searched params and metric value."""
+
+    params: dict[str, Any]
+    value: float
+    trial_id: str
+    grid_dir: str
+
+
+def in_space(cfg: dict[str, Any], base: dict[str, Any], search: dict[str, dict[str, Any]]
+             ) -> dict[str, Any] | None:
+    """The searched params of a full config dict that lies in the Optuna space (every searched
+    key inside its domain, every other key equal to the base's); None where it does not."""
+    for k, v in base.items():
+        if k not in search and k not in EXECUTION_KEYS and cfg.get(k) != v:
+            return None
+    params = {}
+    for k, dom in search.items():
+        v = cfg.get(k)
+        if dom["type"] == "choice":
+            if v not in dom["values"]:
+                return None
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+                dom["low"] <= v <= dom["high"]):
+            return None
+        params[k] = v
+    return params
+
+
+def warm_start_points(grid_dir: str | Path, space: Any) -> tuple[list[WarmPoint], int]:
+    """The configurations of a finished grid run that lie in `space` (spaces.Space with a
+    search section), each with its search metric at its last epoch (what a COMPLETE trial of
+    the search is told); configurations that diverged or did not run every epoch are left out.
+
+    Returns:
+        the points (in trial-id order) and the number of configurations the grid holds.
+    """
+    import yaml
+
+    from poh_tune.config import from_dict
+    from poh_tune.io import DIVERGED_FILE, METRICS_FILE, TRIAL_FILE, read_metrics
+
+    base = space.base.to_dict()
+    points, n = [], 0
+    for spec_file in sorted(Path(grid_dir).rglob(TRIAL_FILE)):
+        folder = spec_file.parent
+        info = yaml.safe_load(spec_file.read_text()) or {}
+        n += 1
+        cfg = from_dict(info.get("config") or {}).to_dict()
+        rows = read_metrics(folder / METRICS_FILE)
+        if (folder / DIVERGED_FILE).exists() or not rows or int(rows[-1]["epoch"]) < cfg["epochs"]:
+            continue
+        value = rows[-1].get(space.metric)
+        params = in_space(cfg, base, space.search)
+        if params is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        points.append(WarmPoint(params, float(value), str(info.get("trial_id", folder.name)),
+                                str(Path(grid_dir).resolve())))
+    return sorted(points, key=lambda p: p.trial_id), n
 
 
 class PohOptunaSearch(OptunaSearch):
@@ -49,10 +151,58 @@ class PohOptunaSearch(OptunaSearch):
       propose that same configuration once more.
     """
 
-    def __init__(self, *args: Any, epochs: int, **kwargs: Any):
+    def __init__(self, *args: Any, epochs: int, run_dir: str | Path | None = None,
+                 backend: str = "sqlite", **kwargs: Any):
         self._epochs = epochs
         self._orphans: list[int] = []  # study-internal trial ids awaiting adoption
+        # With a run_dir the study is pickled by its place in the run directory, not by an
+        # absolute path: a moved run directory resumes against its own study.
+        self._run_dir = None if run_dir is None else str(Path(run_dir).resolve())
+        self._backend = backend
+        if run_dir is not None:
+            kwargs["storage"] = study_storage(run_dir, backend)
         super().__init__(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self._run_dir is not None:  # tuner.pkl and the searcher snapshot: no storage object
+            state["_storage"] = state["_ot_study"] = None
+            state["_ot_trials"] = {tid: t._trial_id for tid, t in self._ot_trials.items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reopen()
+
+    def _reopen(self) -> None:
+        """After unpickling: the study in the run directory (use_run_dir, else where it was)."""
+        if self._run_dir is None or self._ot_study is not None:
+            return
+        run_dir = _RUN_DIR or Path(self._run_dir)
+        self._run_dir = str(run_dir)
+        self._storage = study_storage(run_dir, self._backend)
+        self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
+                                           sampler=self._sampler,
+                                           pruner=optuna.pruners.NopPruner())
+        self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, n)
+                           for tid, n in self._ot_trials.items()}
+
+    def save(self, checkpoint_path: str) -> None:
+        import pickle
+
+        from poh_tune.io import atomic_write_bytes
+
+        atomic_write_bytes(checkpoint_path, pickle.dumps(self.__getstate__()))
+
+    def warm_start(self, points: list[WarmPoint]) -> int:
+        """Tell the study each point as a COMPLETE trial (before TPE's first suggestion);
+        returns how many were told. The user attribute warm_start_from names the grid trial."""
+        dists = self._space
+        for p in points:
+            self._ot_study.add_trial(optuna.trial.create_trial(
+                params=p.params, distributions={k: dists[k] for k in p.params}, value=p.value,
+                user_attrs={"warm_start_from": p.trial_id, "warm_start_dir": p.grid_dir}))
+        return len(points)
 
     def suggest(self, trial_id: str) -> dict | None:
         if trial_id not in self._ot_trials and self._orphans and self._ot_study is not None:
@@ -134,6 +284,9 @@ class PohOptunaSearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
+        if self._run_dir is not None:
+            self._ot_study = None
+            self._reopen()
         live = {t._trial_id for tid, t in self._ot_trials.items() if tid not in self._completed_trials}
         self._orphans = [t._trial_id for t in self._ot_study.get_trials(
             deepcopy=False, states=(TrialState.RUNNING,)) if t._trial_id not in live]

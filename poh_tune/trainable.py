@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import ray
 import torch
 from ray import tune
 
+from poh_tune.checkpoints import choose_state, state_bytes
 from poh_tune.config import TrialConfig, from_dict
 from poh_tune.io import (
     CKPT_FILE,
@@ -98,13 +98,6 @@ def pull_stored_files(fs, stored: str, staging: Path) -> None:
             dest.write_bytes(f.read())
 
 
-def save_state(runner: TrialRunner, path: Path) -> None:
-    """The runner's state, replaced atomically (a kill leaves the old state or the new one)."""
-    buf = io.BytesIO()
-    torch.save(runner.state_dict(), buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def select_device() -> str:
     """cuda when Ray gave this trial a GPU and torch sees one, else cpu."""
     try:
@@ -173,22 +166,35 @@ class TrialFiles:
 
 
 def report_epoch(runner: TrialRunner, report: dict[str, Any], checkpoint_due: bool,
-                 state_file: Path, durable: bool) -> None:
-    """Save the trial's state (when due, and after the last epoch), then report to Tune.
+                 state_file: Path, trial_id: str) -> None:
+    """Report an epoch to Tune, with a checkpoint when due (and after the last epoch).
 
-    On local storage (`durable`) the state file is the checkpoint and Tune gets none: Tune's
-    experiment snapshot lags behind the trials and could name a checkpoint deleted since.
-    Elsewhere Tune gets the checkpoint with the report.
+    A checkpointed epoch's state goes to the trial's own state file first (replaced
+    atomically), then to Tune as its checkpoint (checkpoints.choose_state picks the newer on
+    restore). `training_iteration` is the epoch, so Tune's count survives retries that resume
+    from the state file.
     """
-    due = checkpoint_due or runner.done
-    if due:
-        save_state(runner, state_file)
-    if durable or not due:
-        tune.report(flat(report))
+    row = {**flat(report), "training_iteration": int(report["epoch"])}
+    if not (checkpoint_due or runner.done):
+        tune.report(row)
         return
+    data = state_bytes(runner, trial_id)
+    atomic_write_bytes(state_file, data)
     with tempfile.TemporaryDirectory() as tmp:
-        runner.save(Path(tmp) / CKPT_FILE)
-        tune.report(flat(report), checkpoint=tune.Checkpoint.from_directory(tmp))
+        atomic_write_bytes(Path(tmp) / CKPT_FILE, data)  # a folder Tune copies from
+        tune.report(row, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def resume(runner: TrialRunner, state_file: Path, trial_id: str) -> None:
+    """Load the newer of the trial's state file and the Tune checkpoint it was handed."""
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        sd, _ = choose_state(state_file, None, trial_id)
+    else:
+        with ckpt.as_directory() as d:
+            sd, _ = choose_state(state_file, Path(d), trial_id)
+    if sd is not None:
+        runner.load_state_dict(sd)
 
 
 def crash_if_asked(folder: Path, epoch: int, crash_after: int) -> None:
@@ -217,7 +223,7 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
     torch.set_num_threads(threads)
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
-    trial_dir, durable = trial_storage_dir()
+    trial_dir, _ = trial_storage_dir()
     trial_dir.mkdir(parents=True, exist_ok=True)
     diverged = trial_dir / DIVERGED_FILE
     if diverged.exists():  # a retry (FailureConfig) of a diverged trial: it would diverge again
@@ -225,12 +231,7 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
     runner = TrialRunner(cfg, device=select_device())
 
     state_file = trial_dir / STATE_FILE
-    ckpt = tune.get_checkpoint()
-    if durable and state_file.exists():  # never older than a Tune checkpoint of this trial
-        runner.load(state_file)
-    elif ckpt is not None:
-        with ckpt.as_directory() as d:
-            runner.load(Path(d) / CKPT_FILE)
+    resume(runner, state_file, trial_id)
 
     files = TrialFiles(trial_dir, cfg, trial_id,
                        (membership or {}).get(canonical(dict(config)), []), params=dict(config),
@@ -250,7 +251,8 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
         # result, so the last epoch's row is reported once more (it is not logged again).
         files.close()
         rows = read_metrics(files.metrics_file)
-        tune.report(flat({**(rows[-1] if rows else {"epoch": runner.epoch}), **extra()}))
+        tune.report({**flat({**(rows[-1] if rows else {"epoch": runner.epoch}), **extra()}),
+                     "training_iteration": runner.epoch})
         return
     status = FAILED
     try:
@@ -265,7 +267,7 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
             if runner.done:  # before the last report: Tune may end this process right after it
                 files.close(FINISHED)
             report = {**m, **extra()}
-            report_epoch(runner, report, epoch % checkpoint_every == 0, state_file, durable)
+            report_epoch(runner, report, epoch % checkpoint_every == 0, state_file, trial_id)
             crash_if_asked(trial_dir, epoch, crash_after)
         status = FINISHED
     except SystemExit:  # how tune.report ends a trial that Tune stops (ASHA, an interruption);
@@ -305,19 +307,14 @@ def train_pack(config: dict[str, Any], base: dict[str, Any],
     threads = cpu_share()
     torch.set_num_threads(threads)
     pack_id = tune.get_context().get_trial_id()
-    pack_dir, durable = trial_storage_dir()
+    pack_dir, _ = trial_storage_dir()
     pack_dir.mkdir(parents=True, exist_ok=True)
     diverged = pack_dir / DIVERGED_FILE
     if diverged.exists():  # every configuration diverged: a retry would diverge again
         raise TrainingDiverged(diverged.read_text().strip())
     runner = TrialRunner(cfgs, device=select_device())
     state_file = pack_dir / STATE_FILE
-    ckpt = tune.get_checkpoint()
-    if durable and state_file.exists():  # never older than a Tune checkpoint (train_trial)
-        runner.load(state_file)
-    elif ckpt is not None:
-        with ckpt.as_directory() as d:
-            runner.load(Path(d) / CKPT_FILE)
+    resume(runner, state_file, pack_id)
     files = [TrialFiles(pack_dir / config_folder(k), c, f"{pack_id}_c{k}",
                         (membership or {}).get(canonical(dict(p)), []),
                         extra={"pack_id": pack_id, "pack_index": k}, params=dict(p),
@@ -343,7 +340,7 @@ def train_pack(config: dict[str, Any], base: dict[str, Any],
         for f in files:
             f.close()
         last = [(read_metrics(f.metrics_file) or [{"epoch": runner.epoch}])[-1] for f in files]
-        tune.report(flat(pack_report(last)))
+        tune.report({**flat(pack_report(last)), "training_iteration": runner.epoch})
         return
     status = FAILED
     try:
@@ -367,7 +364,7 @@ def train_pack(config: dict[str, Any], base: dict[str, Any],
                 atomic_write_text(diverged, f"{msg}\n")
                 raise TrainingDiverged(msg)
             report = pack_report(records)
-            report_epoch(runner, report, epoch % checkpoint_every == 0, state_file, durable)
+            report_epoch(runner, report, epoch % checkpoint_every == 0, state_file, pack_id)
             crash_if_asked(pack_dir, epoch, crash_after)
         status = FINISHED
     except SystemExit:  # Tune stopped the pack (see train_trial)

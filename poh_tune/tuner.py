@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from poh_tune.cli import UsageError
+from poh_tune.cli import KEEP_CHECKPOINTS, UsageError
 from poh_tune.spaces import Space, grid_variants, pack_variants, plan_packs
 from poh_tune.storage import RemoteStorage
 
@@ -215,6 +215,7 @@ def make_trainable(space: Space, launch: dict[str, Any], membership: dict[str, l
     trackers: poh_tune.trackers.Trackers (MLflow / W&B), or None."""
     from ray import tune
 
+    from poh_tune.checkpoints import with_checkpoint_fallback
     from poh_tune.trainable import train_pack, train_trial
 
     if grid_packs(space, launch) is not None:
@@ -226,7 +227,26 @@ def make_trainable(space: Space, launch: dict[str, Any], membership: dict[str, l
         fn = tune.with_parameters(train_trial, base=space.base.to_dict(), membership=membership,
                                   checkpoint_every=launch["checkpoint_every"],
                                   trackers=trackers)
-    return tune.with_resources(fn, {"cpu": launch["cpu"], "gpu": launch["gpu"]})
+    return tune.with_resources(with_checkpoint_fallback(fn),
+                               {"cpu": launch["cpu"], "gpu": launch["gpu"]})
+
+
+def restore_trainable(exp_dir: str | Path):
+    """The trainable to pass to `ray.tune.Tuner.restore(exp_dir, trainable=...)` for a run
+    that poh_tune launched, rebuilt from its poh_experiment.yaml (the space file it names must
+    still exist). An Optuna run's study is then opened in `exp_dir`, wherever it was moved."""
+    from poh_tune.cli import read_experiment
+    from poh_tune.search import use_run_dir
+    from poh_tune.spaces import load_space
+
+    exp_dir = Path(exp_dir).resolve()
+    info = read_experiment(exp_dir)
+    launch = info["launch"]
+    space = load_space(info["space_file"], launch["overrides"], launch["smoke"])
+    membership = (grid_variants(space, launch["experiment_names"])[1]
+                  if info["mode"] == "grid" else {})
+    use_run_dir(exp_dir)
+    return make_trainable(space, launch, membership)
 
 
 def make_search(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
@@ -244,14 +264,36 @@ def make_search(command: str, space: Space, launch: dict[str, Any], exp_dir: Pat
         n_trials = num_samples if points is not None else len(param_space["pack"]["grid_search"])
         return (BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_conc),
                 param_space, num_samples, n_trials)
-    from optuna.samplers import TPESampler
+    from poh_tune.search import (
+        PohOptunaSearch,
+        distributions,
+        in_space,
+        make_sampler,
+        warm_start_points,
+    )
 
-    from poh_tune.search import PohOptunaSearch, distributions, study_storage
-
+    base = space.base.to_dict()
+    warm, n_grid = (warm_start_points(launch["warm_start"], space) if launch.get("warm_start")
+                    else ([], 0))
+    base_point = in_space(base, base, space.search)
+    # The search's first trial is the base configuration, unless the grid measured it already.
+    first = [base_point] if base_point is not None and base_point not in [
+        w.params for w in warm] else None
     searcher = PohOptunaSearch(
         space=distributions(space.search), metric=space.metric, mode=space.metric_mode,
-        sampler=TPESampler(seed=launch["seed"]), study_name=exp_dir.name,
-        storage=study_storage(exp_dir), epochs=space.base.epochs)
+        sampler=make_sampler(launch["seed"]), study_name=exp_dir.name, run_dir=exp_dir,
+        backend=launch.get("study_backend", "sqlite"), epochs=space.base.epochs,
+        points_to_evaluate=first)
+    if launch.get("warm_start"):
+        grid = launch["warm_start"]
+        if warm:
+            searcher.warm_start(warm)
+            print(f"warm start: {len(warm)} of the {n_grid} configurations of {grid} lie in "
+                  f"this space; told to the study as COMPLETE trials ({space.metric} at their "
+                  f"last epoch)", flush=True)
+        else:
+            print(f"warm start: none of the {n_grid} configurations of {grid} lies in this "
+                  f"space with the same fixed keys; nothing told to the study", flush=True)
     # ConcurrencyLimiter takes only a positive limit; without one Tune asks the searcher for as
     # many trials as the resources can run.
     search_alg = ConcurrencyLimiter(searcher, max_concurrent=max_conc) if max_conc else searcher
@@ -303,7 +345,11 @@ def make_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: Path
     run_config = tune.RunConfig(
         name=exp_dir.name, **storage_settings(exp_dir, remote),
         failure_config=tune.FailureConfig(max_failures=launch["max_failures"]),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
+        # The best checkpoints by the search metric (Ray also keeps the newest); the trial's
+        # state file covers the ones deleted after Tune's last snapshot (checkpoints.py).
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=launch.get("keep_checkpoints", KEEP_CHECKPOINTS),
+            checkpoint_score_attribute=space.metric, checkpoint_score_order=space.metric_mode),
         callbacks=[JsonLoggerCallback(), CSVLoggerCallback()], progress_reporter=reporter,
         verbose=1)
     tune_config = tune.TuneConfig(metric=space.metric, mode=space.metric_mode,
@@ -319,9 +365,11 @@ def restore_tuner(command: str, space: Space, launch: dict[str, Any], exp_dir: P
     """The Tuner of an interrupted run, continued where Tune's last snapshot left it."""
     from ray import tune
 
+    from poh_tune.search import use_run_dir
+
+    use_run_dir(exp_dir)  # the study is the one in exp_dir, wherever the run was moved
     where = {} if remote is None else {"storage_filesystem": remote.fs}
     path = str(exp_dir) if remote is None else remote.path(exp_dir.name)
-
     # tuner.pkl does not keep the param space: a run killed before Tune's first experiment
     # snapshot restores a fresh variant generator that needs it (KeyError otherwise).
     return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,

@@ -9,7 +9,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from poh_tune.search import PohOptunaSearch, close_stale_trials, distributions, study_storage
+import poh_tune.search as search_mod
+from poh_tune.search import (
+    PohOptunaSearch,
+    close_stale_trials,
+    distributions,
+    make_sampler,
+    study_storage,
+)
 
 SEARCH = {"entropy_reg": {"type": "loguniform", "low": 2e-4, "high": 5e-3},
           "temperature_min": {"type": "uniform", "low": 0.5, "high": 1.2}}
@@ -109,3 +116,73 @@ def test_save_to_dir_keeps_its_temporary_file_out_of_the_synced_folder(tmp_path)
     restored = searcher(tmp_path)
     restored.restore_from_dir(str(staging))
     assert restored._ot_trials["a"].params == first
+
+
+def test_a_moved_run_directory_restores_against_its_own_study(tmp_path):
+    """The searcher's snapshot and tuner.pkl name the study by its place in the run directory."""
+    import pickle
+    import shutil
+
+    from poh_tune.search import use_run_dir
+
+    old, new = tmp_path / "old" / "run", tmp_path / "new" / "run"
+    old.mkdir(parents=True)
+    s = PohOptunaSearch(space=distributions(SEARCH), metric="tau", mode="max",
+                        sampler=optuna.samplers.TPESampler(seed=0), study_name="s",
+                        run_dir=old, epochs=EPOCHS)
+    s.suggest("a")
+    run(s, "a", EPOCHS)
+    s.suggest("b")
+    s.save(str(tmp_path / "searcher.pkl"))
+    pickled = pickle.dumps(s)
+    new.parent.mkdir()
+    shutil.move(str(old), str(new))
+    use_run_dir(new)
+    try:
+        restored = PohOptunaSearch(space=distributions(SEARCH), metric="tau", mode="max",
+                                   sampler=optuna.samplers.TPESampler(seed=0), study_name="s",
+                                   run_dir=new, epochs=EPOCHS)
+        restored.restore(str(tmp_path / "searcher.pkl"))
+        unpickled = pickle.loads(pickled)
+    finally:
+        search_mod._RUN_DIR = None  # the module's default: where the study was saved
+    for r in (restored, unpickled):
+        assert r._storage.url == f"sqlite:///{new / 'optuna_study.db'}"
+        assert r._ot_trials["b"].params == s._ot_trials["b"].params
+        r.on_trial_complete("b", {"tau": 0.5, "epoch": EPOCHS})
+    assert not old.exists()  # nothing recreated the study at the old place
+    done = optuna.load_study(study_name="s", storage=study_storage(new)).trials
+    assert [t.state for t in done] == [TrialState.COMPLETE, TrialState.COMPLETE]
+
+
+def test_journal_backend_and_warm_start(tmp_path):
+    from poh_tune.io import choose_backend, filesystem_type
+    from poh_tune.search import WarmPoint
+
+    s = PohOptunaSearch(space=distributions(SEARCH), metric="tau", mode="max",
+                        sampler=make_sampler(0), study_name="s", run_dir=tmp_path,
+                        backend="journal", epochs=EPOCHS)
+    assert s.warm_start([WarmPoint({"entropy_reg": 1e-3, "temperature_min": 0.8}, 0.7, "g1",
+                                   "grid")]) == 1
+    s.suggest("a")
+    assert (tmp_path / "optuna_study.journal").is_file()
+    assert not (tmp_path / "optuna_study.db").exists()
+    st = optuna.load_study(study_name="s", storage=study_storage(tmp_path, "journal"))
+    assert st.trials[0].state == TrialState.COMPLETE and st.trials[0].value == 0.7
+    assert st.trials[0].user_attrs["warm_start_from"] == "g1"
+    assert st.trials[1].state == TrialState.RUNNING
+    assert s._ot_study.sampler._constant_liar is True
+    assert filesystem_type("/proc") == "proc"
+    assert choose_backend("journal", tmp_path) == "journal"
+    assert choose_backend("auto", "/proc") == "sqlite"  # proc is no shared file system
+
+
+def test_in_space_needs_the_domain_and_the_fixed_keys():
+    from poh_tune.search import in_space
+
+    base = {"entropy_reg": 1e-3, "temperature_min": 0.8, "epochs": 3, "threads": 0}
+    assert in_space({**base, "entropy_reg": 2e-3}, base, SEARCH) == {
+        "entropy_reg": 2e-3, "temperature_min": 0.8}
+    assert in_space({**base, "entropy_reg": 1e-2}, base, SEARCH) is None  # above its high
+    assert in_space({**base, "epochs": 4}, base, SEARCH) is None  # another fixed key
+    assert in_space({**base, "threads": 2}, base, SEARCH) is not None  # how it ran, not what
