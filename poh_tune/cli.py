@@ -14,6 +14,7 @@ from poh_tune.io import (
     RESULTS_FILE,
     STUDY_BACKENDS,
     TUNER_FILE,
+    atomic_write_bytes,
     choose_backend,
 )
 from poh_tune.spaces import Space, grid_variants, load_space, resolve_space_path
@@ -180,7 +181,8 @@ def _resolve_resume(args: argparse.Namespace, storage: Path
             raise UsageError(f"--resume: nothing to resume in {remote.where(name)} (no "
                              f"{TUNER_FILE} or {EXPERIMENT_FILE})")
         exp_dir.mkdir(parents=True)
-        (exp_dir / EXPERIMENT_FILE).write_bytes(remote.read_bytes(f"{name}/{EXPERIMENT_FILE}"))
+        atomic_write_bytes(exp_dir / EXPERIMENT_FILE,
+                           remote.read_bytes(f"{name}/{EXPERIMENT_FILE}"))
     try:
         info = read_experiment(exp_dir, tuner_checked=remote is not None)
     except UsageError as e:
