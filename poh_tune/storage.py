@@ -19,6 +19,24 @@ SKIP_PARTS = ("checkpoint_",)
 SKIP_NAMES = ("trial_state.pt",)
 
 
+def download_tree(fs: Any, base: str, local: Path, skipped) -> None:
+    """Copy every file under `base` of the pyarrow file system `fs` into `local` (each written
+    atomically), but those whose path below `base` `skipped(sub)` is true."""
+    import pyarrow.fs
+
+    from poh_tune.io import atomic_write_bytes
+
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(base, recursive=True, allow_not_found=True))
+    for info in infos:
+        sub = info.path[len(base):].lstrip("/")
+        if info.type != pyarrow.fs.FileType.File or skipped(sub):
+            continue
+        dest = local / sub
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(info.path) as f:
+            atomic_write_bytes(dest, f.read())
+
+
 class StorageError(Exception):
     """The storage cannot be opened, reached or written."""
 
@@ -94,20 +112,9 @@ class RemoteStorage:
             the state of every downloaded file (path relative to `local` -> size, mtime_ns), for
             upload_changed.
         """
-        import pyarrow.fs
 
-        base = self.path(rel)
         local.mkdir(parents=True, exist_ok=True)
-        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(base, recursive=True,
-                                                              allow_not_found=True))
-        for info in infos:
-            sub = info.path[len(base):].lstrip("/")
-            if info.type != pyarrow.fs.FileType.File or _skipped(sub):
-                continue
-            dest = local / sub
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with self.fs.open_input_stream(info.path) as f:
-                dest.write_bytes(f.read())
+        download_tree(self.fs, self.path(rel), local, _skipped)
         return snapshot(local)
 
     def upload_changed(self, local: Path, rel: str, before: dict[str, tuple[int, int]]) -> int:

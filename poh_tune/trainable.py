@@ -82,20 +82,11 @@ def pull_stored_files(fs, stored: str, staging: Path) -> None:
     """A resumed trial on remote storage: copy its stored files (no checkpoints) into an empty
     staging folder, so that its append-only files continue instead of replacing the stored ones
     at the next sync."""
-    import pyarrow.fs
+    from poh_tune.storage import download_tree
 
     if staging.is_dir() and any(staging.iterdir()):
         return
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(stored, recursive=True,
-                                                     allow_not_found=True))
-    for info in infos:
-        sub = info.path[len(stored):].lstrip("/")
-        if info.type != pyarrow.fs.FileType.File or sub.startswith("checkpoint_"):
-            continue
-        dest = staging / sub
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with fs.open_input_stream(info.path) as f:
-            dest.write_bytes(f.read())
+    download_tree(fs, stored, staging, lambda sub: sub.startswith("checkpoint_"))
 
 
 def select_device() -> str:
