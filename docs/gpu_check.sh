@@ -22,7 +22,7 @@ while [ $# -gt 0 ]; do
 done
 case "$budget" in ''|*[!0-9]*) echo "error: --budget '$budget' is not a whole number of seconds" >&2; exit 2 ;; esac
 out=${OUT:-gpu_out}
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)
 steps="$out/steps.jsonl"
 : > "$steps"
 start=$(date +%s)
@@ -75,8 +75,8 @@ record() {  # name status rc wall_s reason
 }
 
 gpu_ok=1
-step() {  # name min_s cap_s command...: run it when the budget allows, under what is left
-  local name=$1 min=$2 cap=$3; shift 3
+step() {  # name min_s cap_s 'command': run it when the budget allows, under what is left
+  local name=$1 min=$2 cap=$3 cmd=$4
   local left=$(( deadline - $(date +%s) ))
   if [ "$gpu_ok" = 0 ] && [ "$name" != install ] && [ "$name" != cuda ]; then
     record "$name" "not reached" null null "no CUDA device"; return
@@ -87,21 +87,25 @@ step() {  # name min_s cap_s command...: run it when the budget allows, under wh
   fi
   local limit=$(( left < cap ? left : cap )) t0 rc
   t0=$(date +%s)
-  timeout "$limit" "$@"
+  # A fresh bash, so that timeout can run the functions below (they are declared into it).
+  timeout "$limit" bash -c "$(declare -f install_wheels cuda_check grid); $cmd"
   rc=$?
   local wall=$(( $(date +%s) - t0 )) status=ok
   [ "$rc" = 0 ] || status=failed
-  [ "$rc" = 124 ] && status=timeout
-  record "$name" "$status" "$rc" "$wall" "$([ "$status" = timeout ] && echo "stopped at ${limit} s")"
+  local why=""
+  [ "$rc" = 124 ] && status=timeout && why="stopped at ${limit} s"
+  [ "$name" = cuda ] && [ "$rc" != 0 ] && why="no CUDA device"
+  record "$name" "$status" "$rc" "$wall" "$why"
   return "$rc"
 }
 
-install() {
+install_wheels() {
   if [ -d .whl ]; then
     "$py" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || return
   fi
 }
-step install 20 120 install
+export py out
+step install 20 120 install_wheels
 if [ -d .whl ]; then export PYTHONPATH=/tmp/site:$PWD; else export PYTHONPATH=$PWD; fi
 
 cuda_check() {
@@ -111,23 +115,23 @@ cuda_check() {
 step cuda 5 60 cuda_check || gpu_ok=0
 
 # The CUDA tests: graphed equals eager on every case, exact graph counts, no capture warning.
-step cuda_tests 60 240 "$py" -m pytest -q -p no:cacheprovider tests/test_graphs.py -k cuda \
-  --junitxml="$out/cuda_tests.xml" > "$out/cuda_tests.log" 2>&1
+step cuda_tests 60 240 '"$py" -m pytest -q -p no:cacheprovider tests/test_graphs.py -k cuda \
+  --junitxml="$out/cuda_tests.xml" > "$out/cuda_tests.log" 2>&1'
 tail -3 "$out/cuda_tests.log" 2>/dev/null
 
 # The SPEC configuration with 5 seeds: eager against graphed steps, kernels per step.
-step bench_5_seeds 60 180 sh -c "'$py' -m poh_tune.bench --device cuda --seeds 5 --epochs 3 \
-  > '$out/bench_5_seeds.json' 2> '$out/bench_5_seeds.log'"
+step bench_5_seeds 60 180 '"$py" -m poh_tune.bench --device cuda --seeds 5 --epochs 3 \
+  > "$out/bench_5_seeds.json" 2> "$out/bench_5_seeds.log"'
 
 # Eleven configurations x 5 seeds trained together.
-step bench_pack_11 60 180 sh -c "'$py' -m poh_tune.bench --device cuda --seeds 5 --pack 11 \
-  --epochs 2 > '$out/bench_pack_11.json' 2> '$out/bench_pack_11.log'"
+step bench_pack_11 60 180 '"$py" -m poh_tune.bench --device cuda --seeds 5 --pack 11 \
+  --epochs 2 > "$out/bench_pack_11.json" 2> "$out/bench_pack_11.log"'
 
 # The document's whole grid, 100 epochs, through the real launcher on one GPU (Ray start and
 # report included): the wall time is the step's.
 grid() {
   "$py" -m poh_tune.launch grid epochs=100 --gpus-per-trial 0.2 --cpus-per-trial 3 \
-    --storage "$PWD/$out/runs" --name document_grid > "$out/grid.log" 2>&1
+    --storage "$out/runs" --name document_grid > "$out/grid.log" 2>&1
   local rc=$?
   cp "$out/runs/document_grid/report.md" "$out/" 2>/dev/null
   return $rc
