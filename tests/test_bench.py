@@ -15,7 +15,8 @@ def ratio_of(num: float, den: float) -> pytest.approx:
     """num / den, where both are times the bench rounded to 4 decimals: the tolerance covers
     that rounding (tiny epochs take about 0.01 s) plus the ratio's own rounding to 3."""
     rel = 5e-5 / num + 5e-5 / den
-    return pytest.approx(num / den, rel=rel, abs=1e-3)
+    # Both parts add up (pytest.approx takes the larger of rel and abs, not their sum).
+    return pytest.approx(num / den, abs=rel * num / den + 5e-4)
 
 
 @pytest.fixture
