@@ -3,6 +3,7 @@ launcher file under Ray's own validation, the RayJob under strict validation aga
 
 from __future__ import annotations
 
+import gzip
 import os
 import random
 import re
@@ -28,10 +29,8 @@ from tests.cli_runs import GRID, dump, results_rows
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 DOCS = ROOT / "docs" / "clusters.md"
-# KubeRay's RayJob CRD lies in shared/ beside the checkout (or beside a worktree's parent).
-CRD = next((p for p in (ROOT.parent / "shared", ROOT.parent.parent / "shared")
-            if (p / "k8s" / "ray.io_rayjobs.yaml").is_file()), ROOT.parent / "shared"
-           ) / "k8s" / "ray.io_rayjobs.yaml"
+# KubeRay's RayJob CRD, kept with the tests (tests/data/README.md says where it comes from).
+CRD = ROOT / "tests" / "data" / "ray.io_rayjobs.yaml.gz"
 
 
 def _launch_argv(command: str) -> list[str]:
@@ -356,7 +355,7 @@ def _strict(node, preserved: bool = False):
 
 @pytest.fixture(scope="module")
 def rayjob_validator():
-    crd = yaml.safe_load(CRD.read_text())
+    crd = yaml.safe_load(gzip.decompress(CRD.read_bytes()))
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = _strict(v1["schema"]["openAPIV3Schema"])
     jsonschema.Draft7Validator.check_schema(schema)
