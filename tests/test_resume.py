@@ -130,7 +130,8 @@ def test_driver_killed_many_times_with_millisecond_epochs_every_trial_terminated
     outputs.append(p.stdout + p.stderr)
     assert not [o for o in outputs if CHECKPOINT_RACE in o]
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert kills == KILLS, f"the run finished after {kills} kills: too little work to kill"
+    assert kills == KILLS, (f"the run finished after {kills} kills: too little work to kill, "
+                            f"or a driver ended early; its output:\n{outputs[-2][-3000:]}")
     rows = results_rows(exp)
     assert sorted(float(r["config.lr_encoder"]) for r in rows) == lrs
     assert all(r["status"] == "TERMINATED" and r["stopped_early"] == "False"
