@@ -157,7 +157,7 @@ class TrialFiles:
 
 
 def report_epoch(runner: TrialRunner, report: dict[str, Any], checkpoint_due: bool,
-                 state_file: Path, trial_id: str) -> None:
+                 state_file: Path, trial_id: str, logs_in: Path | None = None) -> None:
     """Report an epoch to Tune, with a checkpoint when due (and after the last epoch).
 
     A checkpointed epoch's state goes to the trial's own state file first (replaced
@@ -173,17 +173,42 @@ def report_epoch(runner: TrialRunner, report: dict[str, Any], checkpoint_due: bo
     atomic_write_bytes(state_file, data)
     with tempfile.TemporaryDirectory() as tmp:
         atomic_write_bytes(Path(tmp) / CKPT_FILE, data)  # a folder Tune copies from
+        if logs_in is not None:
+            copy_logs(logs_in, Path(tmp))
         tune.report(row, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def resume(runner: TrialRunner, state_file: Path, trial_id: str) -> None:
-    """Load the newer of the trial's state file and the Tune checkpoint it was handed."""
+def copy_logs(src: Path, dst: Path, only_longer: bool = False) -> None:
+    """Every metrics.jsonl under `src` (a trial's, or each configuration's of a pack) to the
+    same place under `dst`; only_longer: only where it holds more epochs than dst's copy.
+
+    On remote storage Ray uploads a checkpoint with its report but the trial's other files
+    later, in the background; a driver killed in between would resume from the checkpoint with
+    a log that ends earlier, and the next upload would replace the stored log by the new epochs
+    alone. A checkpoint carries the logs of its epoch, so a resumed trial starts from those."""
+    for f in src.rglob(METRICS_FILE):
+        rel = f.relative_to(src)
+        if any(part.startswith("checkpoint_") for part in rel.parts):
+            continue
+        target = dst / rel
+        if only_longer and last_logged_epoch(target) >= last_logged_epoch(f):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, f.read_bytes())
+
+
+def resume(runner: TrialRunner, state_file: Path, trial_id: str,
+           logs_in: Path | None = None) -> None:
+    """Load the newer of the trial's state file and the Tune checkpoint it was handed; with
+    `logs_in` (remote storage: the staging folder) the checkpoint's logs where they are longer."""
     ckpt = tune.get_checkpoint()
     if ckpt is None:
         sd, _ = choose_state(state_file, None, trial_id)
     else:
         with ckpt.as_directory() as d:
             sd, _ = choose_state(state_file, Path(d), trial_id)
+            if logs_in is not None:
+                copy_logs(Path(d), logs_in, only_longer=True)
     if sd is not None:
         runner.load_state_dict(sd)
 
@@ -214,7 +239,8 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
     torch.set_num_threads(threads)
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
-    trial_dir, _ = trial_storage_dir()
+    trial_dir, durable = trial_storage_dir()
+    logs_in = None if durable else trial_dir  # remote storage: checkpoints carry the logs
     trial_dir.mkdir(parents=True, exist_ok=True)
     diverged = trial_dir / DIVERGED_FILE
     if diverged.exists():  # a retry (FailureConfig) of a diverged trial: it would diverge again
@@ -222,7 +248,7 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
     runner = TrialRunner(cfg, device=select_device())
 
     state_file = trial_dir / STATE_FILE
-    resume(runner, state_file, trial_id)
+    resume(runner, state_file, trial_id, logs_in)
 
     files = TrialFiles(trial_dir, cfg, trial_id,
                        (membership or {}).get(canonical(dict(config)), []), params=dict(config),
@@ -258,7 +284,8 @@ def train_trial(config: dict[str, Any], base: dict[str, Any],
             if runner.done:  # before the last report: Tune may end this process right after it
                 files.close(FINISHED)
             report = {**m, **extra()}
-            report_epoch(runner, report, epoch % checkpoint_every == 0, state_file, trial_id)
+            report_epoch(runner, report, epoch % checkpoint_every == 0, state_file, trial_id,
+                         logs_in)
             crash_if_asked(trial_dir, epoch, crash_after)
         status = FINISHED
     except SystemExit:  # how tune.report ends a trial that Tune stops (ASHA, an interruption);
@@ -298,14 +325,15 @@ def train_pack(config: dict[str, Any], base: dict[str, Any],
     threads = cpu_share()
     torch.set_num_threads(threads)
     pack_id = tune.get_context().get_trial_id()
-    pack_dir, _ = trial_storage_dir()
+    pack_dir, durable = trial_storage_dir()
+    logs_in = None if durable else pack_dir  # remote storage: checkpoints carry the logs
     pack_dir.mkdir(parents=True, exist_ok=True)
     diverged = pack_dir / DIVERGED_FILE
     if diverged.exists():  # every configuration diverged: a retry would diverge again
         raise TrainingDiverged(diverged.read_text().strip())
     runner = TrialRunner(cfgs, device=select_device())
     state_file = pack_dir / STATE_FILE
-    resume(runner, state_file, pack_id)
+    resume(runner, state_file, pack_id, logs_in)
     files = [TrialFiles(pack_dir / config_folder(k), c, f"{pack_id}_c{k}",
                         (membership or {}).get(canonical(dict(p)), []),
                         extra={"pack_id": pack_id, "pack_index": k}, params=dict(p),
@@ -355,7 +383,8 @@ def train_pack(config: dict[str, Any], base: dict[str, Any],
                 atomic_write_text(diverged, f"{msg}\n")
                 raise TrainingDiverged(msg)
             report = pack_report(records)
-            report_epoch(runner, report, epoch % checkpoint_every == 0, state_file, pack_id)
+            report_epoch(runner, report, epoch % checkpoint_every == 0, state_file, pack_id,
+                         logs_in)
             crash_if_asked(pack_dir, epoch, crash_after)
         status = FINISHED
     except SystemExit:  # Tune stopped the pack (see train_trial)
